@@ -1,0 +1,5 @@
+"""Run the CLI as `python -m difftrain ...`."""
+
+from difftrain.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""The `difftrain` command line: one thin function per subcommand.
+
+    difftrain train --config configs/quickstart.yaml --output-dir runs/x --set train.max_steps=10
+    difftrain quickstart
+
+Nothing heavy is imported at module level: `difftrain --help` answers without torch.
+Errors the user can fix print one line on stderr and exit 2; a training run that fails
+(e.g. a non-finite loss) exits 1; everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from difftrain import __version__
+from difftrain.errors import TrainingStopped, UserError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from difftrain.config import resolve_run_config
+    from difftrain.training.trainer import train
+
+    cfg = resolve_run_config(
+        args.config, args.set, output_dir=args.output_dir, deterministic=args.deterministic
+    )
+    result = train(cfg, overwrite=args.overwrite)
+    final_loss = result.losses[-1]
+    print(
+        f"trained {result.steps} steps; final loss {final_loss:.6f}; outputs in {result.output_dir}"
+    )
+    return 0
+
+
+def cmd_validate_config(args: argparse.Namespace) -> int:
+    from difftrain.config import resolve_run_config
+    from difftrain.training.run_dir import prepare_output_dir, write_run_description
+
+    cfg = resolve_run_config(
+        args.config, args.set, output_dir=args.output_dir, deterministic=args.deterministic
+    )
+    print(f"config OK: {args.config}")
+    if args.output_dir is not None:
+        output_dir = Path(cfg.train.output_dir)
+        prepare_output_dir(output_dir, cfg, overwrite=args.overwrite, training=False)
+        if cfg.train.deterministic:
+            from difftrain.training.determinism import configure_determinism
+
+            configure_determinism(True)  # so env.json records the flags the run will use
+        write_run_description(output_dir, cfg)
+        print(f"wrote {output_dir / 'config.yaml'} and {output_dir / 'env.json'}")
+    return 0
+
+
+def cmd_make_dummy_data(args: argparse.Namespace) -> int:
+    from difftrain.data.dummy import make_dummy_imagefolder
+
+    path = make_dummy_imagefolder(args.output_dir, args.num_images, args.image_size, args.seed)
+    print(f"wrote {args.num_images} images of {args.image_size} px with captions to {path}")
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from difftrain.models.tiny import save_tiny_pipeline
+
+    path = save_tiny_pipeline(Path(args.output_dir), args.size, args.seed)
+    print(f"wrote a random-weight {args.size} Stable Diffusion pipeline to {path}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from difftrain.sampling import generate, load_pipeline
+
+    pipeline = load_pipeline(args.model, args.device)
+    if args.lora:
+        pipeline.load_lora_weights(args.lora)
+    (image,) = generate(
+        pipeline,
+        [args.prompt],
+        seed=args.seed,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+    )
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    image.save(output)
+    print(f"wrote {output}")
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from difftrain.environment import collect_environment
+
+    print(json.dumps(collect_environment(), indent=2))
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from difftrain.quickstart import run_quickstart
+
+    run_quickstart(Path(args.output_dir), max_steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="difftrain",
+        description="Fine-tune text-to-image diffusion pipelines from a YAML config.",
+    )
+    parser.add_argument("--version", action="version", version=f"difftrain {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def add_run_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--config", required=True, help="YAML config file")
+        sub.add_argument("--output-dir", help="output folder (overrides train.output_dir)")
+        sub.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            help="override a config key, e.g. --set train.max_steps=10 (repeatable)",
+        )
+        sub.add_argument(
+            "--deterministic",
+            action="store_true",
+            help="seed everything and use deterministic kernels (sets train.deterministic)",
+        )
+        sub.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace a different run already in the output folder",
+        )
+
+    add_run_options(add("train", cmd_train, "fine-tune a pipeline as a config describes"))
+    add_run_options(
+        add(
+            "validate-config",
+            cmd_validate_config,
+            "check a config; with --output-dir also write the resolved config and env.json",
+        )
+    )
+
+    sub = add("make-dummy-data", cmd_make_dummy_data, "write a small captioned image folder")
+    sub.add_argument("--output-dir", required=True)
+    sub.add_argument("--num-images", type=int, default=8)
+    sub.add_argument("--image-size", type=int, default=64)
+    sub.add_argument("--seed", type=int, default=0)
+
+    sub = add(
+        "make-tiny-model",
+        cmd_make_tiny_model,
+        "write a random-weight Stable Diffusion pipeline (no download)",
+    )
+    sub.add_argument("--output-dir", required=True)
+    sub.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    sub.add_argument("--seed", type=int, default=0)
+
+    sub = add("sample", cmd_sample, "generate one image from a pipeline folder")
+    sub.add_argument("--model", required=True, help="pipeline folder (e.g. a training output)")
+    sub.add_argument("--prompt", required=True)
+    sub.add_argument("--output", default="sample.png", help="PNG file to write")
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--steps", type=int, default=25, help="inference steps")
+    sub.add_argument("--guidance-scale", type=float, default=7.5)
+    sub.add_argument("--height", type=int)
+    sub.add_argument("--width", type=int)
+    sub.add_argument("--lora", help="folder with pytorch_lora_weights.safetensors to apply")
+    sub.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+    add("env", cmd_env, "print the environment snapshot (versions, GPU, determinism) as JSON")
+
+    sub = add(
+        "quickstart",
+        cmd_quickstart,
+        "train the built-in tiny model on generated data and sample an image",
+    )
+    sub.add_argument("--output-dir", default="quickstart-output")
+    sub.add_argument("--steps", type=int, default=30)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as exc:
+        print(f"difftrain: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except TrainingStopped as exc:
+        print(f"difftrain: training stopped: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("difftrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

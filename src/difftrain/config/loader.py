@@ -1,0 +1,255 @@
+"""Read a YAML config, apply `--set section.key=value` overrides, validate, and write it back.
+
+Every problem is a `ConfigError` naming the dotted key (`train.max_steps`), what is wrong and,
+for a near-miss name, what was probably meant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from difftrain.config.schema import Config
+from difftrain.errors import ConfigError, UserError
+
+_MISSING = object()
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Load `path`, apply `overrides` (each `section.key=value`) and return a validated Config."""
+    raw = read_yaml_mapping(path)
+    for key, value in parse_overrides(overrides or []):
+        section, _, name = key.partition(".")
+        if raw.get(section) is None:
+            raw[section] = {}
+        if isinstance(raw[section], dict):  # Otherwise validation reports the bad section.
+            raw[section][name] = value
+    return config_from_dict(raw, source=str(path))
+
+
+def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a YAML file whose top level must be a mapping; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            f"config file {path} does not exist; pass an existing YAML file to --config"
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{path}{line}: invalid YAML: {problem}; fix the syntax there") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file; pass a YAML config") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
+    return data
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """Split `section.key=value` strings; values are parsed as YAML scalars (`4`, `true`, `[a]`)."""
+    parsed = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key.count(".") != 1 or not all(key.split(".")):
+            raise UserError(f"--set {item!r}: expected section.key=value, e.g. train.max_steps=10")
+        try:
+            value = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            value = text  # Not YAML: keep the text; the key's type decides if that is fine.
+        # Remember the raw text so a str-typed key gets exactly what was typed ("007" stays).
+        parsed.append((key, _RawText(text, value)))
+    return parsed
+
+
+class _RawText:
+    """An override value with its original text, so str keys are not reinterpreted by YAML."""
+
+    def __init__(self, text: str, value: Any):
+        self.text, self.value = text, value
+
+
+def config_from_dict(raw: dict[str, Any], source: str | None = None) -> Config:
+    """Build a validated Config from a plain mapping (as read from YAML)."""
+    # Unknown keys first, everywhere: a typo explains a "missing" value better than the reverse.
+    _reject_unknown_keys(Config, raw, prefix="", source=source)
+    return _build(Config, raw, prefix="", source=source)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain data, in schema order (what `config.yaml` holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically (temp file in the same folder, rename)."""
+    from difftrain.io import atomic_write_text
+
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    atomic_write_text(Path(path), text)
+
+
+def _reject_unknown_keys(cls: type, raw: Any, prefix: str, source: str | None) -> None:
+    if raw is None:
+        return
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix.rstrip(".") or "config", "must be a mapping of keys", source)
+    hints = typing.get_type_hints(cls)
+    for key, value in raw.items():
+        if key not in hints:
+            raise ConfigError(
+                f"{prefix}{key}", "unknown key" + _did_you_mean(str(key), prefix, cls), source
+            )
+        if dataclasses.is_dataclass(hints[key]):
+            _reject_unknown_keys(hints[key], value, f"{prefix}{key}.", source)
+
+
+def _build(cls: type, raw: dict[str, Any] | None, prefix: str, source: str | None) -> Any:
+    raw = raw or {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        dotted = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], raw.get(name), f"{dotted}.", source)
+            continue
+        if name in raw:
+            value = _coerce(raw[name], hints[name], dotted, source)
+        else:
+            value = (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            )
+        check = f.metadata.get("check")
+        problem = check(value) if check else None
+        if problem:
+            raise ConfigError(dotted, problem, source)
+        values[name] = value
+    return cls(**values)
+
+
+def _did_you_mean(key: str, prefix: str, cls: type) -> str:
+    """Suggest the closest key of this section, or the same key in another section."""
+    here = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, here, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    if prefix:  # Maybe the right key in the wrong section (train.resolution -> data.resolution).
+        for section, section_cls in typing.get_type_hints(Config).items():
+            if key in {f.name for f in dataclasses.fields(section_cls)}:
+                return f"; did you mean '{section}.{key}'?"
+    return f"; known keys: {', '.join(prefix + name for name in here)}"
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str | None) -> Any:
+    text = value.text if isinstance(value, _RawText) else None
+    if isinstance(value, _RawText):
+        value = value.value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value if text is None else _RawText(text, value), inner, key, source)
+
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint_text = f"; did you mean '{close[0]}'?" if close else ""
+        choices = ", ".join(str(a) for a in args)
+        raise ConfigError(key, f"must be one of {choices}, got {value!r}{hint_text}", source)
+
+    if origin is list:
+        (item_type,) = args
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list, got {_describe(value)}", source)
+        return [_coerce(item, item_type, f"{key}[{i}]", source) for i, item in enumerate(value)]
+
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"must be true or false, got {_describe(value)}", source)
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(key, f"must be an integer, got {_describe(value)}", source)
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads `1e-4` (no dot) as a string.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"must be a number, got {_describe(value)}", source)
+    if hint is str:
+        if text is not None:
+            return text.strip()
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. a numeric revision or folder name
+        raise ConfigError(key, f"must be a string, got {_describe(value)}", source)
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a schema bug, not user input
+
+
+def _describe(value: Any) -> str:
+    kind = {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "list",
+        dict: "mapping",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+    return f"{kind} {value!r}" if not isinstance(value, (list, dict)) else kind
+
+
+def resolve_run_config(
+    config_path: str | os.PathLike,
+    overrides: list[str] | None = None,
+    *,
+    output_dir: str | None = None,
+    deterministic: bool = False,
+) -> Config:
+    """The config a run uses: file + overrides + CLI flags, with paths made absolute.
+
+    Relative paths resolve against the current working folder (not the config's folder), so
+    `./data/x` in a config means the same thing as `./data/x` typed on the command line.
+    """
+    overrides = list(overrides or [])
+    if output_dir is not None:
+        overrides.append(f"train.output_dir={output_dir}")
+    if deterministic:
+        overrides.append("train.deterministic=true")
+    cfg = load_config(config_path, overrides)
+    pretrained = cfg.model.pretrained
+    if not pretrained.startswith("builtin:") and Path(pretrained).expanduser().exists():
+        pretrained = str(Path(pretrained).expanduser().resolve())
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, pretrained=pretrained),
+        data=dataclasses.replace(cfg.data, train_dir=_absolute(cfg.data.train_dir)),
+        train=dataclasses.replace(cfg.train, output_dir=_absolute(cfg.train.output_dir)),
+    )
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())

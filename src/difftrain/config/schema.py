@@ -1,0 +1,152 @@
+"""The config schema: one small keyword-only dataclass per section.
+
+Each field carries its default and, where a value can be impossible, a check. The docstring
+under each field is the documentation users read (see README "Config keys"). Unknown keys,
+wrong types and impossible values are rejected by `difftrain.config.loader`, which names the
+dotted key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Check = Callable[[Any], "str | None"]
+
+
+def _positive(value: Any) -> str | None:
+    return None if value is None or value > 0 else f"must be > 0, got {value}"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value is None or value >= 0 else f"must be >= 0, got {value}"
+
+
+def _multiple_of_8(value: Any) -> str | None:
+    if value <= 0 or value % 8:
+        return f"must be a positive multiple of 8 (the VAE downsamples by 8), got {value}"
+    return None
+
+
+def _probability(value: Any) -> str | None:
+    return None if 0.0 <= value < 1.0 else f"must be in [0, 1), got {value}"
+
+
+def _required(value: Any) -> str | None:
+    return "is required" if value in (None, "") else None
+
+
+def _checked(default: Any, check: Check) -> Any:
+    return field(default=default, metadata={"check": check})
+
+
+LRScheduler = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    pretrained: str = "builtin:tiny"
+    """Hub id (`org/name`), a local diffusers folder, or `builtin:tiny` / `builtin:small`
+    (random-weight models built locally, for tests and the quick start)."""
+
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load; ignored for local folders."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train_dir: str | None = _checked(None, _required)
+    """Image folder: images plus `metadata.jsonl` (Hugging Face ImageFolder), or `x.png` with
+    `x.txt` caption files. Relative paths resolve against the current working folder."""
+
+    caption_column: str = "text"
+    """Column of `metadata.jsonl` that holds the caption."""
+
+    resolution: int = _checked(512, _multiple_of_8)
+    """Training images are resized (shorter side) and cropped to this square size."""
+
+    center_crop: bool = False
+    """Crop the centre; otherwise a random crop (reproducible from `train.seed`)."""
+
+    random_flip: bool = False
+    """Flip images horizontally with probability 0.5 (reproducible from `train.seed`)."""
+
+    num_workers: int = _checked(0, _non_negative)
+    """Data-loader worker processes; 0 loads in the training process."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    output_dir: str = "outputs/run"
+    """Where the run writes everything; `--output-dir` overrides it."""
+
+    seed: int = 0
+    """Seeds model noise, timesteps, data order and augmentation."""
+
+    max_steps: int = _checked(100, _positive)
+    """Number of optimizer steps (each sees batch_size x gradient_accumulation_steps images)."""
+
+    batch_size: int = _checked(1, _positive)
+    """Images per forward pass."""
+
+    gradient_accumulation_steps: int = _checked(1, _positive)
+    """Forward passes whose gradients are summed into one optimizer step."""
+
+    learning_rate: float = _checked(1e-5, _positive)
+    """Peak learning rate of AdamW."""
+
+    lr_scheduler: LRScheduler = "constant"
+    """Learning-rate schedule after warmup (diffusers' `get_scheduler` names)."""
+
+    lr_warmup_steps: int = _checked(0, _non_negative)
+    """Optimizer steps of linear warmup from 0 to `learning_rate`."""
+
+    adam_beta1: float = _checked(0.9, _probability)
+    adam_beta2: float = _checked(0.999, _probability)
+    adam_weight_decay: float = _checked(1e-2, _non_negative)
+    adam_epsilon: float = _checked(1e-8, _positive)
+
+    max_grad_norm: float = _checked(1.0, _non_negative)
+    """Clip the gradient norm to this value; 0 turns clipping off."""
+
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast precision through accelerate; trained weights stay fp32."""
+
+    deterministic: bool = False
+    """Seed everything and force deterministic kernels: two runs give identical weights."""
+
+
+@dataclass(kw_only=True)
+class CheckpointingConfig:
+    every_steps: int = _checked(500, _non_negative)
+    """Write `OUTPUT_DIR/checkpoint-N` every N optimizer steps; 0 turns checkpoints off."""
+
+    total_limit: int | None = _checked(None, _positive)
+    """Keep at most this many checkpoints (the oldest go first); null keeps all."""
+
+
+@dataclass(kw_only=True)
+class ValidationConfig:
+    prompts: list[str] = field(default_factory=list)
+    """Prompts rendered into `OUTPUT_DIR/samples/step-N.png`; empty turns sampling off."""
+
+    every_steps: int = _checked(0, _non_negative)
+    """Render the prompts every N optimizer steps (and at the end); 0 renders at the end only."""
+
+    seed: int = 0
+    """Seed of the sampling noise, so grids are comparable across steps and runs."""
+
+    num_inference_steps: int = _checked(20, _positive)
+    guidance_scale: float = _checked(7.5, _non_negative)
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)

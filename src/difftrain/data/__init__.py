@@ -1,0 +1,1 @@
+"""Image folders with captions -> training tensors."""

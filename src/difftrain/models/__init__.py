@@ -1,0 +1,1 @@
+"""Pipeline components: loading (hub id, local folder, builtin) and the tiny test models."""

@@ -1,0 +1,133 @@
+"""Checkpoints: `OUTPUT_DIR/checkpoint-N`, written atomically with a manifest.
+
+A checkpoint is written under `.checkpoint-N.partial`, gets `manifest.json` (every file with
+its size and sha256) last, and only then is renamed to `checkpoint-N`. A folder without a
+manifest that matches its files is never taken for a checkpoint, so a run killed mid-write
+leaves at worst a `.partial` folder that the next save removes.
+
+The state itself is saved by `accelerator.save_state`, so the same code serves one process,
+DDP, FSDP and DeepSpeed: every process writes its own RNG state, only the main process writes
+the rest, the manifest and the rename. The UNet is saved in diffusers format (`unet/`) by a
+save hook, so a checkpoint's UNet loads into the base pipeline on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from difftrain.errors import TrainingStopped
+from difftrain.io import atomic_write_json, sha256_file
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+MANIFEST = "manifest.json"
+
+
+def checkpoint_path(output_dir: Path, step: int) -> Path:
+    return output_dir / f"checkpoint-{step}"
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    files = {
+        str(path.relative_to(folder)): {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+    atomic_write_json(folder / MANIFEST, {"step": step, "files": files})
+
+
+def is_complete(folder: Path, verify_hashes: bool = False) -> bool:
+    """True when `folder` has a manifest and every file it lists, with matching size (and hash)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        for name, facts in manifest["files"].items():
+            path = folder / name
+            if path.stat().st_size != facts["bytes"]:
+                return False
+            if verify_hashes and sha256_file(path) != facts["sha256"]:
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match and path.is_dir() and is_complete(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:
+    """Delete the oldest checkpoints until at most `keep` remain; returns what went."""
+    checkpoints = list_checkpoints(output_dir)
+    doomed = [path for _, path in checkpoints[: max(0, len(checkpoints) - keep)]]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def save_checkpoint(
+    accelerator,
+    output_dir: Path,
+    step: int,
+    *,
+    total_limit: int | None,
+    write_extra: Callable[[Path], None],
+) -> Path:
+    """Save the full training state as `checkpoint-<step>`; `write_extra(folder)` adds files."""
+    final = checkpoint_path(output_dir, step)
+    partial = output_dir / f".{final.name}.partial"
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            if total_limit is not None:
+                prune_checkpoints(output_dir, keep=total_limit - 1)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_extra(partial)
+            write_manifest(partial, step)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+        accelerator.wait_for_everyone()
+    except OSError as exc:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise TrainingStopped(
+            f"could not write checkpoint {final} ({exc.strerror or exc}); earlier checkpoints "
+            "are intact; free space or fix permissions, then resume"
+        ) from None
+    return final
+
+
+def register_unet_hooks(accelerator, unet_class) -> None:
+    """Save / load the UNet as `unet/` in diffusers format instead of accelerate's blob."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
+                weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            loaded = unet_class.from_pretrained(input_dir, subfolder="unet")
+            model.register_to_config(**loaded.config)
+            model.load_state_dict(loaded.state_dict())
+            del loaded
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

@@ -1,0 +1,45 @@
+"""Per-step metrics: `metrics.jsonl`, one JSON object per optimizer step.
+
+Processes other than the main one get `NullMetrics`, with the same methods, so the training
+loop never branches on "do I write?".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", encoding="utf-8")
+
+    def log(self, record: dict[str, object]) -> None:
+        # Flushed per line: a crash loses at most the line being written.
+        self._file.write(json.dumps(_finite_or_string(record)) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class NullMetrics:
+    def log(self, record: dict[str, object]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _finite_or_string(record: dict[str, object]) -> dict[str, object]:
+    # JSON has no NaN/Infinity; write them as strings so every line stays valid JSON.
+    return {
+        key: str(value) if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in record.items()
+    }
+
+
+def read_metrics(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]

@@ -1,0 +1,103 @@
+"""What a run leaves for its users: the final pipeline and validation sample grids."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from difftrain.config import Config
+from difftrain.models.loading import PipelineComponents
+from difftrain.sampling import generate, image_grid
+
+
+def save_final_pipeline(
+    components: PipelineComponents, unet: torch.nn.Module, output_dir: Path
+) -> None:
+    """Write the base pipeline with the trained UNet into `output_dir`, in diffusers format.
+
+    The other components are re-read from the base model, so they keep its files and dtype
+    (the run may have cast its copies to half precision). Every folder is written beside its
+    final place first and renamed in, so a crash never leaves a half-written component.
+    """
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(
+        components.source, revision=components.revision, unet=unet
+    )
+    staging = Path(tempfile.mkdtemp(prefix=".final.", dir=output_dir))
+    try:
+        pipeline.save_pretrained(str(staging), safe_serialization=True)
+        for item in sorted(staging.iterdir()):
+            _replace(item, output_dir / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace(source: Path, target: Path) -> None:
+    if target.is_dir():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(source, target)
+
+
+def inference_pipeline(components: PipelineComponents, unet: torch.nn.Module):
+    """A sampling pipeline over the live training components (no copies, no disk)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=unet,
+        scheduler=components.inference_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def save_validation_grid(
+    components: PipelineComponents, unet: torch.nn.Module, cfg: Config, step: int
+) -> Path:
+    """Render `validation.prompts` from fixed seeds into `OUTPUT_DIR/samples/step-N.png`."""
+    validation = cfg.validation
+    pipeline = inference_pipeline(components, unet)
+    compute_dtype = components.text_encoder.dtype
+    device_type = unet.device.type
+    autocast = (
+        torch.autocast(device_type, dtype=compute_dtype)
+        if compute_dtype != torch.float32
+        else contextlib.nullcontext()
+    )
+    was_training = unet.training
+    unet.eval()
+    try:
+        with torch.no_grad(), autocast:
+            images = generate(
+                pipeline,
+                validation.prompts,
+                seed=validation.seed,
+                num_inference_steps=validation.num_inference_steps,
+                guidance_scale=validation.guidance_scale,
+                height=cfg.data.resolution,
+                width=cfg.data.resolution,
+            )
+    finally:
+        unet.train(was_training)
+    path = Path(cfg.train.output_dir) / "samples" / f"step-{step}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image_grid(images, validation.prompts).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
