@@ -17,6 +17,7 @@ from pathlib import Path
 
 from difftrain import __version__
 from difftrain.errors import TrainingStopped, UserError
+from difftrain.quiet import quiet_third_party
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -114,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"difftrain {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+    def add(name: str, handler, help_text: str, *, loads_models: bool = False):
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(handler=handler)
+        sub.set_defaults(handler=handler, loads_models=loads_models)
         return sub
 
     def add_run_options(sub: argparse.ArgumentParser) -> None:
@@ -140,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="replace a different run already in the output folder",
         )
 
-    add_run_options(add("train", cmd_train, "fine-tune a pipeline as a config describes"))
+    add_run_options(
+        add("train", cmd_train, "fine-tune a pipeline as a config describes", loads_models=True)
+    )
     add_run_options(
         add(
             "validate-config",
@@ -164,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--size", choices=["tiny", "small"], default="tiny")
     sub.add_argument("--seed", type=int, default=0)
 
-    sub = add("sample", cmd_sample, "generate one image from a pipeline folder")
+    sub = add("sample", cmd_sample, "generate one image from a pipeline folder", loads_models=True)
     sub.add_argument("--model", required=True, help="pipeline folder (e.g. a training output)")
     sub.add_argument("--prompt", required=True)
     sub.add_argument("--output", default="sample.png", help="PNG file to write")
@@ -190,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_third_party(libraries_loaded_soon=args.loads_models)
     try:
         return args.handler(args)
     except UserError as exc:

@@ -43,7 +43,26 @@ def scan_image_folder(folder: str | Path, caption_column: str = "text") -> list[
             f"data.train_dir: no images in {folder} (looked for "
             f"{', '.join(sorted(IMAGE_SUFFIXES))}); add images with captions"
         )
+    for example in examples:
+        check_image_header(example.image_path)
     return examples
+
+
+def check_image_header(path: Path) -> None:
+    """Fail now, naming the file, if it is not an image at all (reads the header only).
+
+    A file whose header is fine but whose data is cut short fails later, when it is decoded,
+    with the same kind of message.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(
+            f"data.train_dir: cannot read image {path} ({exc}); replace or remove the file"
+        ) from None
 
 
 def _read_rows(metadata: Path) -> list[tuple[int, dict]]:

@@ -29,19 +29,32 @@ def build_clip_vocab(words: tuple[str, ...] = CAPTION_WORDS) -> tuple[dict[str, 
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokens = alphabet + [symbol + "</w>" for symbol in alphabet]
-    merges: list[str] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        # Merge left to right: "r e d</w>" -> "re d</w>" -> "red</w>".
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        merged = symbols[0]
-        for symbol in symbols[1:]:
-            rule = f"{merged} {symbol}"
-            merged += symbol
-            if rule not in merges:
-                merges.append(rule)
-                tokens.append(merged)
+        # Spell the word with the merges so far, then join its pieces left to right. The new
+        # merges rank after all earlier ones, so earlier words keep their single tokens.
+        pieces = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            ranks[(merged, piece)] = len(ranks)
+            merged += piece
+            tokens.append(merged)
+    merges = [f"{a} {b}" for (a, b), _ in sorted(ranks.items(), key=lambda item: item[1])]
     tokens = list(dict.fromkeys(tokens)) + [BOS_TOKEN, EOS_TOKEN]
     return {token: index for index, token in enumerate(tokens)}, merges
+
+
+def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding: repeatedly join the adjacent pair with the lowest merge rank."""
+    while len(symbols) > 1:
+        pairs = [
+            (ranks[pair], i) for i, pair in enumerate(zip(symbols, symbols[1:], strict=False)) if pair in ranks
+        ]
+        if not pairs:
+            break
+        _, i = min(pairs)
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
+    return symbols
 
 
 def write_clip_vocab_files(folder: Path) -> None:

@@ -22,7 +22,7 @@ from difftrain.data.dataset import CaptionedImageDataset, build_dataloader
 from difftrain.data.folder import scan_image_folder
 from difftrain.diffusion import add_noise, sample_timesteps, training_target
 from difftrain.errors import TrainingStopped, UserError
-from difftrain.models.loading import PipelineComponents, load_components
+from difftrain.models.loading import PipelineComponents, load_components, resolve_pretrained
 from difftrain.training.checkpoint import register_unet_hooks, save_checkpoint
 from difftrain.training.determinism import configure_determinism, seed_everything
 from difftrain.training.metrics import MetricsLog, NullMetrics
@@ -68,8 +68,9 @@ def train(cfg: Config, *, overwrite: bool = False) -> TrainResult:
     output_dir = Path(cfg.train.output_dir)
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on the CPU")
-    # Validate the data before touching the output folder or loading a model.
+    # Check what the user gave (data, model source) before touching the output folder.
     examples = scan_image_folder(cfg.data.train_dir, cfg.data.caption_column)
+    resolve_pretrained(cfg.model.pretrained)
 
     configure_determinism(cfg.train.deterministic)
     accelerator = Accelerator(
@@ -98,7 +99,7 @@ def train(cfg: Config, *, overwrite: bool = False) -> TrainResult:
         return TrainResult(output_dir=output_dir, steps=len(losses), losses=losses)
     finally:
         metrics.close()
-        accelerator.end_training()
+        _release(accelerator)
         if log_handler is not None:
             logging.getLogger("difftrain").removeHandler(log_handler)
             log_handler.close()
@@ -255,6 +256,17 @@ def diffusion_loss(
     target = training_target(prediction_type, latents, noise, alphas_cumprod, timesteps)
     prediction = unet(noisy, timesteps, text_embeddings, return_dict=False)[0]
     return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+
+
+def _release(accelerator) -> None:
+    accelerator.end_training()
+    if accelerator.num_processes == 1:
+        # accelerate keeps its state process-wide and refuses a second Accelerator with other
+        # settings; a later train() in this process (a notebook, the tests) may need them.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
 
 
 def _validation_due(cfg: Config, step: int) -> bool:

@@ -1,0 +1,25 @@
+"""Keep third-party chatter off the terminal, so our own lines (and errors) stand out.
+
+Progress bars of model loading and advisory warnings from diffusers / transformers /
+huggingface_hub say nothing a difftrain user can act on. Users who want them back set
+DIFFUSERS_VERBOSITY / TRANSFORMERS_VERBOSITY / HF_HUB_DISABLE_PROGRESS_BARS themselves:
+we only fill in defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+
+def quiet_third_party(*, libraries_loaded_soon: bool) -> None:
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # diffusers passes an argument huggingface_hub deprecated; nothing for a user to fix.
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+    if libraries_loaded_soon and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        # diffusers' own bars ("Loading pipeline components") ignore the hub variable.
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()

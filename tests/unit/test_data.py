@@ -1,0 +1,187 @@
+"""Data: folder layouts, captions, preprocessing, the resumable sample stream, dummy data."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from difftrain.config.schema import DataConfig
+from difftrain.data.dataset import CaptionedImageDataset, build_dataloader
+from difftrain.data.dummy import make_dummy_imagefolder
+from difftrain.data.folder import scan_image_folder
+from difftrain.data.sampler import ResumableSampler, SampleKey
+from difftrain.data.transforms import load_rgb, preprocess
+from difftrain.errors import UserError
+
+
+def image(path: Path, size=(40, 24), colour=(255, 0, 0)) -> Path:
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def test_metadata_jsonl_layout(dummy_data_dir: Path) -> None:
+    examples = scan_image_folder(dummy_data_dir)
+    assert len(examples) == 8
+    assert examples[0].image_path == dummy_data_dir / "00000.png"
+    assert examples[0].caption.startswith("a ") and "background" in examples[0].caption
+
+
+def test_caption_column_is_configurable(tmp_path: Path) -> None:
+    image(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "prompt": "x"}))
+    assert scan_image_folder(tmp_path, "prompt")[0].caption == "x"
+    with pytest.raises(UserError, match="set data.caption_column to one of: prompt"):
+        scan_image_folder(tmp_path, "text")
+
+
+def test_metadata_csv_layout(tmp_path: Path) -> None:
+    image(tmp_path / "a.png")
+    (tmp_path / "metadata.csv").write_text("file_name,text\na.png,a red thing\n")
+    assert scan_image_folder(tmp_path)[0].caption == "a red thing"
+
+
+def test_caption_file_pairs(tmp_path: Path) -> None:
+    image(tmp_path / "b.png")
+    image(tmp_path / "a.jpg")
+    (tmp_path / "a.txt").write_text("first\n")
+    (tmp_path / "b.txt").write_text("second")
+    examples = scan_image_folder(tmp_path)
+    assert [(e.image_path.name, e.caption) for e in examples] == [
+        ("a.jpg", "first"),
+        ("b.png", "second"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda d: None, "no images in"),
+        (lambda d: image(d / "a.png"), "has no caption file a.txt"),
+        (lambda d: (d / "metadata.jsonl").write_text("{not json\n"), "line 1: invalid JSON"),
+        (lambda d: (d / "metadata.jsonl").write_text('{"text": "x"}\n'), "no 'file_name' column"),
+        (
+            lambda d: (d / "metadata.jsonl").write_text('{"file_name": "gone.png", "text": "x"}\n'),
+            "gone.png does not exist",
+        ),
+    ],
+)
+def test_bad_folders_name_the_problem(tmp_path: Path, setup, message: str) -> None:
+    setup(tmp_path)
+    with pytest.raises(UserError, match=message):
+        scan_image_folder(tmp_path)
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="data.train_dir: folder .* does not exist"):
+        scan_image_folder(tmp_path / "nope")
+
+
+def test_corrupt_and_truncated_images_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(UserError, match="cannot read image .*junk.png"):
+        load_rgb(tmp_path / "junk.png")
+    whole = image(tmp_path / "whole.png", size=(64, 64)).read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError, match="cut.png"):
+        load_rgb(tmp_path / "cut.png")
+
+
+def test_preprocess_shape_range_and_crop() -> None:
+    source = Image.new("RGB", (80, 40), (255, 255, 255))
+    source.paste((0, 0, 0), (0, 0, 40, 40))  # left half black
+    rng = random.Random(0)
+    pixels = preprocess(source, 32, center_crop=True, random_flip=False, rng=rng)
+    assert pixels.shape == (3, 32, 32)
+    assert pixels.min() >= -1.0 and pixels.max() <= 1.0
+    # Centre crop of a 64x32 resize: the left 16 columns black, the right 16 white.
+    assert pixels[:, :, :14].max() < -0.9 and pixels[:, :, 18:].min() > 0.9
+
+
+def test_flip_and_random_crop_follow_the_rng() -> None:
+    source = Image.new("RGB", (48, 32), (255, 255, 255))
+    source.paste((0, 0, 0), (0, 0, 8, 32))
+    a = preprocess(source, 32, center_crop=False, random_flip=True, rng=random.Random(5))
+    b = preprocess(source, 32, center_crop=False, random_flip=True, rng=random.Random(5))
+    assert torch.equal(a, b)
+    outputs = {
+        preprocess(source, 32, center_crop=False, random_flip=True, rng=random.Random(s))
+        .sum()
+        .item()
+        for s in range(20)
+    }
+    assert len(outputs) > 1  # crops and flips do vary with the seed
+
+
+def test_sampler_epochs_are_permutations() -> None:
+    keys = list(itertools.islice(iter(ResumableSampler(5, seed=3)), 15))
+    for epoch in range(3):
+        assert sorted(k.index for k in keys[epoch * 5 : epoch * 5 + 5]) == [0, 1, 2, 3, 4]
+    assert len({k.augment_seed for k in keys}) == 15
+
+
+def test_sampler_resumes_the_same_stream() -> None:
+    full = list(itertools.islice(iter(ResumableSampler(7, seed=1)), 30))
+    resumed = list(itertools.islice(iter(ResumableSampler(7, seed=1, start_position=11)), 19))
+    assert resumed == full[11:]
+
+
+def test_sampler_shards_interleave_to_the_single_process_stream() -> None:
+    full = list(itertools.islice(iter(ResumableSampler(6, seed=2)), 12))
+    rank0 = list(itertools.islice(iter(ResumableSampler(6, seed=2, rank=0, world_size=2)), 6))
+    rank1 = list(itertools.islice(iter(ResumableSampler(6, seed=2, rank=1, world_size=2)), 6))
+    assert [k for pair in zip(rank0, rank1, strict=False) for k in pair] == full
+
+
+def test_different_seeds_give_different_orders() -> None:
+    a = [k.index for k in itertools.islice(iter(ResumableSampler(50, seed=0)), 50)]
+    b = [k.index for k in itertools.islice(iter(ResumableSampler(50, seed=1)), 50)]
+    assert a != b
+
+
+def test_dataset_items_and_loader(dummy_data_dir: Path, tiny_model_dir: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    cfg = DataConfig(train_dir=str(dummy_data_dir), resolution=32, random_flip=True)
+    dataset = CaptionedImageDataset(scan_image_folder(dummy_data_dir), tokenizer, cfg)
+    item = dataset[SampleKey(0, 123)]
+    assert item["pixel_values"].shape == (3, 32, 32)
+    assert item["input_ids"].shape == (tokenizer.model_max_length,)
+    assert torch.equal(item["pixel_values"], dataset[SampleKey(0, 123)]["pixel_values"])
+    batch = next(iter(build_dataloader(dataset, batch_size=3, seed=0)))
+    assert batch["pixel_values"].shape == (3, 3, 32, 32)
+    assert batch["input_ids"].shape == (3, tokenizer.model_max_length)
+
+
+def _tree_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_dummy_data_is_deterministic_and_varied(tmp_path: Path) -> None:
+    a = make_dummy_imagefolder(tmp_path / "a", 6, 32)
+    b = make_dummy_imagefolder(tmp_path / "b", 6, 32)
+    assert _tree_digest(a) == _tree_digest(b)
+    captions = [e.caption for e in scan_image_folder(a)]
+    assert len(set(captions)) == 6
+    assert Image.open(a / "00000.png").size == (32, 32)
+    # Re-running into its own folder is fine (idempotent).
+    make_dummy_imagefolder(a, 6, 32)
+    assert _tree_digest(a) == _tree_digest(b)
+
+
+def test_dummy_data_refuses_a_foreign_folder(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not empty"):
+        make_dummy_imagefolder(tmp_path, 2, 32)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+    assert not (tmp_path / "metadata.jsonl").exists()
