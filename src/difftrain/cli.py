@@ -107,6 +107,14 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from difftrain.report import write_report
+
+    path = write_report(Path(args.ci_dir), template=Path(args.template) if args.template else None)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="difftrain",
@@ -178,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--width", type=int)
     sub.add_argument("--lora", help="folder with pytorch_lora_weights.safetensors to apply")
     sub.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+    sub = add(
+        "report",
+        cmd_report,
+        "fill the smoke checklist from the logs, JUnit XML and artifacts under --ci-dir",
+    )
+    sub.add_argument("--ci-dir", default="_ci_tmp", help="folder the test runs wrote into")
+    sub.add_argument("--template", help="checklist template (default: docs/mvp_smoke_checklist.md)")
 
     add("env", cmd_env, "print the environment snapshot (versions, GPU, determinism) as JSON")
 

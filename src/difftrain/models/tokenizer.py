@@ -47,9 +47,8 @@ def build_clip_vocab(words: tuple[str, ...] = CAPTION_WORDS) -> tuple[dict[str, 
 def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Byte-pair encoding: repeatedly join the adjacent pair with the lowest merge rank."""
     while len(symbols) > 1:
-        pairs = [
-            (ranks[pair], i) for i, pair in enumerate(zip(symbols, symbols[1:], strict=False)) if pair in ranks
-        ]
+        adjacent = zip(symbols, symbols[1:], strict=False)
+        pairs = [(ranks[pair], i) for i, pair in enumerate(adjacent) if pair in ranks]
         if not pairs:
             break
         _, i = min(pairs)
