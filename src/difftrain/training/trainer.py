@@ -115,7 +115,8 @@ def _train_loop(cfg, accelerator, components: PipelineComponents, examples, metr
     for frozen in (components.vae, components.text_encoder):
         frozen.requires_grad_(False)
         frozen.eval()
-        frozen.to(device, dtype=weight_dtype)
+        # Cast only when needed: diffusers warns about any dtype cast of its models.
+        frozen.to(device) if frozen.dtype == weight_dtype else frozen.to(device, dtype=weight_dtype)
     unet = components.unet
     unet.train()
 
