@@ -81,11 +81,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     }
     for item in items:
         for marker, (option, given) in option_skips.items():
-            if marker in item.keywords and not given:
+            # get_closest_marker, not `in item.keywords`: keywords also hold folder names.
+            if item.get_closest_marker(marker) and not given:
                 item.add_marker(pytest.mark.skip(reason=f"marked {marker}: pass {option} to run"))
-        if "cuda" in item.keywords and (reason := cuda_unavailable_reason()):
+        if item.get_closest_marker("cuda") and (reason := cuda_unavailable_reason()):
             item.add_marker(pytest.mark.skip(reason=reason))
-        if "hub" in item.keywords and not any(m.name == "skip" for m in item.iter_markers()):
+        if item.get_closest_marker("hub") and not item.get_closest_marker("skip"):
             if reason := offline_reason() or hub_unreachable_reason():
                 item.add_marker(pytest.mark.skip(reason=reason))
 
