@@ -35,17 +35,20 @@ def atomic_write_json(path: Path, data: object) -> None:
 
 
 @contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
+def atomic_directory(final: Path, *, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it is renamed to `final`.
 
-    An existing `final` is replaced only after the new one is complete. On any error the
+    An existing `final` is replaced only after the new one is complete, or, with
+    `keep_existing`, kept (another process built the same thing first). On any error the
     temporary folder is removed and `final` is left as it was.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
-        if final.exists():
+        if final.exists() and keep_existing:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)

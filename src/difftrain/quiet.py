@@ -19,7 +19,12 @@ def quiet_third_party(*, libraries_loaded_soon: bool) -> None:
     # diffusers passes an argument huggingface_hub deprecated; nothing for a user to fix.
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
     if libraries_loaded_soon and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
-        # diffusers' own bars ("Loading pipeline components") ignore the hub variable.
+        # The variables above only count when a library is first imported, and diffusers'
+        # own bars ("Loading pipeline components") ignore them: switch every bar off now.
         from diffusers.utils import logging as diffusers_logging
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as transformers_logging
 
         diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+        disable_progress_bars()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from difftrain.cli import main
 
@@ -279,3 +280,24 @@ def test_quickstart_runs_and_reruns(tmp_path: Path, capsys, tiny_model_dir) -> N
         capsys, "quickstart", "--output-dir", str(tmp_path / "q"), "--steps", "2"
     )
     assert code == 0  # re-running replaces its own run
+
+
+def test_non_finite_loss_exits_1_with_one_line(
+    tmp_path: Path, capsys, dummy_data_dir: Path, tiny_model_dir, monkeypatch
+) -> None:
+    from difftrain.training import trainer
+
+    monkeypatch.setattr(
+        trainer, "diffusion_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True)
+    )
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{train_dir: {dummy_data_dir}, resolution: 64}}\n")
+    code, _, err = run_cli(
+        capsys, "train", "--config", str(config), "--output-dir", str(tmp_path / "o")
+    )
+    assert code == 1
+    # The run's own progress lines come first; the failure is the one last line.
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("difftrain: training stopped: non-finite loss (nan) at step 1")
+    assert "Traceback" not in err
+    assert not (tmp_path / "o" / "unet").exists()

@@ -185,3 +185,18 @@ def test_dummy_data_refuses_a_foreign_folder(tmp_path: Path) -> None:
         make_dummy_imagefolder(tmp_path, 2, 32)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
     assert not (tmp_path / "metadata.jsonl").exists()
+
+
+def test_worker_processes_give_the_same_batches(dummy_data_dir: Path, tiny_model_dir: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    batches = []
+    for workers in (0, 2):
+        cfg = DataConfig(
+            train_dir=str(dummy_data_dir), resolution=32, random_flip=True, num_workers=workers
+        )
+        dataset = CaptionedImageDataset(scan_image_folder(dummy_data_dir), tokenizer, cfg)
+        loader = iter(build_dataloader(dataset, batch_size=3, seed=7, start_position=5))
+        batches.append([next(loader)["pixel_values"] for _ in range(3)])
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[1], strict=True))

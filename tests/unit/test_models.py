@@ -39,16 +39,18 @@ def test_tiny_pipeline_layout(tiny_model_dir: Path) -> None:
     assert (tiny_model_dir / "tokenizer" / "vocab.json").is_file()
 
 
-def test_tiny_pipeline_loads_offline_and_generates(tiny_model_dir: Path, offline) -> None:
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
-    pipe.set_progress_bar_config(disable=True)
-    assert pipe.vae_scale_factor == 8
-    image = pipe(
-        "a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)
-    ).images[0]
-    assert image.size == (64, 64)
+def test_tiny_pipeline_loads_offline_and_generates(tiny_model_dir: Path, hub_cache) -> None:
+    # A child process, so HF_HUB_OFFLINE=1 is set before huggingface_hub is imported.
+    result = hub_cache.run_python(
+        "import torch\n"
+        "from diffusers import StableDiffusionPipeline\n"
+        f"pipe = StableDiffusionPipeline.from_pretrained({str(tiny_model_dir)!r})\n"
+        "image = pipe('a red circle', num_inference_steps=2,"
+        " generator=torch.Generator().manual_seed(0)).images[0]\n"
+        "print('OFFLINE', __import__('os').environ['HF_HUB_OFFLINE'], pipe.vae_scale_factor, image.size)\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "OFFLINE 1 8 (64, 64)" in result.stdout
 
 
 def test_same_seed_same_weights(tmp_path: Path) -> None:

@@ -131,10 +131,12 @@ def build_tiny_pipeline(size: str = "tiny", seed: int = 0):
     )
 
 
-def save_tiny_pipeline(output_dir: Path, size: str = "tiny", seed: int = 0) -> Path:
+def save_tiny_pipeline(
+    output_dir: Path, size: str = "tiny", seed: int = 0, *, keep_existing: bool = False
+) -> Path:
     """Build and write the pipeline to `output_dir` atomically (diffusers folder layout)."""
     pipeline = build_tiny_pipeline(size, seed)
-    with atomic_directory(output_dir) as tmp:
+    with atomic_directory(output_dir, keep_existing=keep_existing) as tmp:
         pipeline.save_pretrained(str(tmp), safe_serialization=True)
         # Newer transformers save only tokenizer.json; keep CLIP's own files for older readers.
         write_clip_vocab_files(tmp / "tokenizer")
@@ -152,5 +154,6 @@ def builtin_model_path(name: str) -> Path:
     size = name.removeprefix(BUILTIN_PREFIX)
     path = builtin_cache_dir() / f"{size}-v{BUILD_VERSION}"
     if not (path / "model_index.json").is_file():
-        save_tiny_pipeline(path, size)
+        # Two processes may race to build it; both builds are identical, the first one stays.
+        save_tiny_pipeline(path, size, keep_existing=True)
     return path
