@@ -18,7 +18,7 @@ from difftrain.models.tokenizer import save_clip_tokenizer, write_clip_vocab_fil
 
 BUILTIN_PREFIX = "builtin:"
 # Bump when a spec changes, so cached builds of the old spec are not reused.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,7 +43,7 @@ TINY_MODELS: dict[str, TinySpec] = {
         norm_groups=8,
     ),
     "small": TinySpec(
-        unet_channels=(64, 128, 256),
+        unet_channels=(128, 256, 384),
         unet_layers_per_block=2,
         vae_channels=(32, 32, 64, 64),
         text_hidden_size=128,
