@@ -11,9 +11,9 @@ with its extras, exports the determinism variables, and tees its output to `_ci_
 
 torch is installed first, through pip, from settings you can change without editing this file:
     DIFFTRAIN_TORCH_VERSION   torch version for unit/integration/gpu_smoke (default 2.13.0)
-    DIFFTRAIN_TORCH_INDEX     where torch comes from: "pypi" (pip's configured index, the
-                              default for those sessions), "pytorch" (PyTorch's index for the
-                              build, e.g. .../whl/cu128; the matrix default) or a URL
+    DIFFTRAIN_TORCH_INDEX     where torch comes from: "pypi" (pip's configured index; the
+                              default), "pytorch" (PyTorch's index for each matrix cell's
+                              build, e.g. .../whl/cu128) or a URL
     DIFFTRAIN_TORCH_MATRIX    matrix cells, "VERSION=BUILD,..." (default below); BUILD is cpu
                               or cuXYZ
 """
@@ -57,8 +57,8 @@ SMOKE_MARKERS = "slow and cuda and text2image"
 # --- shared helpers -------------------------------------------------------------------------
 
 
-def torch_index_url(build: str | None, default: str) -> str | None:
-    choice = os.environ.get("DIFFTRAIN_TORCH_INDEX", default)
+def torch_index_url(build: str | None = None) -> str | None:
+    choice = os.environ.get("DIFFTRAIN_TORCH_INDEX", "pypi")
     if choice == "pypi":
         return None
     if choice == "pytorch":
@@ -171,14 +171,14 @@ def render_checklist(session: nox.Session) -> None:
 @nox.session
 def unit(session: nox.Session) -> None:
     """CPU unit tests, offline, in parallel (pytest-xdist)."""
-    install(session, TORCH_VERSION, torch_index_url(None, default="pypi"))
+    install(session, TORCH_VERSION, torch_index_url())
     run_pytest(session, UNIT_MARKERS, "-n", "auto", "-v")
 
 
 @nox.session
 def integration(session: nox.Session) -> None:
     """CPU slow and integration tests: the runbook's debug path through its scripts."""
-    install(session, TORCH_VERSION, torch_index_url(None, default="pypi"))
+    install(session, TORCH_VERSION, torch_index_url())
     run_pytest(
         session, "(slow or integration) and not cuda", "--run-slow", "--run-integration", "-v"
     )
@@ -190,7 +190,7 @@ def gpu_smoke(session: nox.Session) -> None:
     report = save_gpu_facts()
     if report is None:
         session.skip("no NVIDIA GPU here: nvidia-smi is missing or failed")
-    install(session, TORCH_VERSION, torch_index_url(None, default="pypi"))
+    install(session, TORCH_VERSION, torch_index_url())
     version, cuda, available = torch_facts(session)
     if not available:
         session.error(
@@ -232,7 +232,7 @@ def matrix(session: nox.Session, torch_version: str, build: str) -> None:
             f"torch {torch_version}+{build} needs CUDA {wanted_cuda[0]}.{wanted_cuda[1]} but "
             f"the driver supports up to {driver[0]}.{driver[1]}"
         )
-    install(session, torch_version, torch_index_url(build, default="pytorch"))
+    install(session, torch_version, torch_index_url(build))
     version, cuda, available = torch_facts(session)
     if version.split("+")[0] != torch_version:
         session.error(f"asked for torch {torch_version}, got {version}")

@@ -24,14 +24,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from difftrain.config import resolve_run_config
     from difftrain.training.trainer import train
 
+    overrides = list(args.set)
+    if args.resume_from_checkpoint:
+        overrides.append(f"train.resume_from_checkpoint={args.resume_from_checkpoint}")
     cfg = resolve_run_config(
-        args.config, args.set, output_dir=args.output_dir, deterministic=args.deterministic
+        args.config, overrides, output_dir=args.output_dir, deterministic=args.deterministic
     )
-    result = train(cfg, overwrite=args.overwrite)
-    final_loss = result.losses[-1]
-    print(
-        f"trained {result.steps} steps; final loss {final_loss:.6f}; outputs in {result.output_dir}"
-    )
+    allowed = tuple(key for item in args.allow_config_change for key in item.split(",") if key)
+    result = train(cfg, overwrite=args.overwrite, allow_config_change=allowed)
+    final = f"; final loss {result.losses[-1]:.6f}" if result.losses else ""
+    print(f"trained {result.steps} steps{final}; outputs in {result.output_dir}")
     return 0
 
 
@@ -149,8 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
             help="replace a different run already in the output folder",
         )
 
-    add_run_options(
-        add("train", cmd_train, "fine-tune a pipeline as a config describes", loads_models=True)
+    sub = add("train", cmd_train, "fine-tune a pipeline as a config describes", loads_models=True)
+    add_run_options(sub)
+    sub.add_argument(
+        "--resume-from-checkpoint",
+        metavar="PATH|latest",
+        help="continue from a checkpoint-N folder, or the newest one (sets "
+        "train.resume_from_checkpoint)",
+    )
+    sub.add_argument(
+        "--allow-config-change",
+        action="append",
+        default=[],
+        metavar="KEY[,KEY...]",
+        help="resume even though these config keys differ from the checkpoint's",
     )
     add_run_options(
         add(

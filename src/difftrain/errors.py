@@ -14,8 +14,14 @@ class UserError(Exception):
     exit_code = 2
 
     def __init__(self, message: str):
+        message = str(message)
+        # A DataLoader worker re-raises our error as UserError("Caught UserError in DataLoader
+        # worker ... Original Traceback ... UserError: <message>"): keep only the message.
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1]
         # One line, always: a multi-line message would read like a traceback.
-        super().__init__(" ".join(str(message).split()))
+        super().__init__(" ".join(message.split()))
 
 
 class ConfigError(UserError):
@@ -34,3 +40,11 @@ class TrainingStopped(Exception):
     """
 
     exit_code = 1
+
+
+class TrainingInterrupted(TrainingStopped):
+    """SIGINT / SIGTERM: a checkpoint was written; exit 128 + the signal number (130 / 143)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -77,6 +77,10 @@ class DataConfig:
     num_workers: int = _checked(0, _non_negative)
     """Data-loader worker processes; 0 loads in the training process."""
 
+    on_bad_image: Literal["error", "skip"] = "error"
+    """A corrupt or truncated image stops the run (`error`), or is left out and listed in
+    `OUTPUT_DIR/skipped_images.txt` (`skip`; every image is then decoded once up front)."""
+
 
 @dataclass(kw_only=True)
 class TrainConfig:
@@ -117,6 +121,17 @@ class TrainConfig:
 
     deterministic: bool = False
     """Seed everything and force deterministic kernels: two runs give identical weights."""
+
+    resume_from_checkpoint: str | None = None
+    """`latest` (the newest complete checkpoint in the output folder, or a fresh start when
+    there is none) or the path of a `checkpoint-N` folder; `--resume-from-checkpoint` sets it."""
+
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss stops the run (`stop`, keeping the last good checkpoint), or its update
+    is dropped (`skip`) and counted in metrics.jsonl."""
+
+    max_nonfinite_steps: int = _checked(5, _positive)
+    """With `on_nonfinite: skip`, stop after this many non-finite steps in a row."""
 
 
 @dataclass(kw_only=True)

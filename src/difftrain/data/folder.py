@@ -24,8 +24,14 @@ class Example:
     caption: str
 
 
-def scan_image_folder(folder: str | Path, caption_column: str = "text") -> list[Example]:
-    """All (image, caption) pairs of `folder`, in a stable order."""
+def scan_image_folder(
+    folder: str | Path, caption_column: str = "text", *, check: bool = True
+) -> list[Example]:
+    """All (image, caption) pairs of `folder`, in a stable order.
+
+    With `check`, every image's header is read now, so a file that is not an image at all
+    fails before training starts (`drop_unreadable` is the lenient alternative).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(
@@ -43,9 +49,30 @@ def scan_image_folder(folder: str | Path, caption_column: str = "text") -> list[
             f"data.train_dir: no images in {folder} (looked for "
             f"{', '.join(sorted(IMAGE_SUFFIXES))}); add images with captions"
         )
-    for example in examples:
-        check_image_header(example.image_path)
+    if check:
+        for example in examples:
+            check_image_header(example.image_path)
     return examples
+
+
+def drop_unreadable(examples: list[Example]) -> tuple[list[Example], list[tuple[Path, str]]]:
+    """Decode every image once; return the readable ones and (path, reason) for the others."""
+    from difftrain.data.transforms import load_rgb
+
+    kept, skipped = [], []
+    for example in examples:
+        try:
+            load_rgb(example.image_path)
+        except UserError as exc:
+            skipped.append((example.image_path, str(exc)))
+        else:
+            kept.append(example)
+    if not kept:
+        raise UserError(
+            f"data.train_dir: none of the {len(examples)} images could be read (the first: "
+            f"{skipped[0][0]}); replace the files"
+        )
+    return kept, skipped
 
 
 def check_image_header(path: Path) -> None:

@@ -41,5 +41,23 @@ def _finite_or_string(record: dict[str, object]) -> dict[str, object]:
     }
 
 
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the lines of steps <= `last_step` (resume); a torn last line from a kill goes too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            if record["step"] <= last_step:
+                kept.append(line + "\n")
+    from difftrain.io import atomic_write_text
+
+    atomic_write_text(path, "".join(kept))
+
+
 def read_metrics(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]

@@ -16,22 +16,27 @@ from difftrain.config import Config, config_to_dict, dump_config
 from difftrain.errors import UserError
 from difftrain.io import atomic_write_json
 
-TRAINING_ARTIFACTS = ("metrics.jsonl", "checkpoint-*", ".checkpoint-*.partial", "samples")
+TRAINING_ARTIFACTS = ("metrics.jsonl", "checkpoint-*", "samples", "skipped_images.txt")
+# Left by a process killed mid-write; never part of a valid run, so always safe to remove.
+STALE_PARTIALS = (".checkpoint-*.partial", ".final.*", ".*.old")
 
 
-def prepare_output_dir(output_dir: Path, cfg: Config, *, overwrite: bool, training: bool) -> None:
+def prepare_output_dir(
+    output_dir: Path, cfg: Config, *, overwrite: bool, training: bool, resuming: bool = False
+) -> None:
     """Refuse a folder that holds something else; clear old training artifacts when allowed.
 
     `training` is False for validate-config, which only writes config.yaml and env.json.
+    `resuming` keeps the run's artifacts: the checkpoint's config was checked already.
     """
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output-dir {output_dir} is a file; choose a folder")
-    if output_dir.is_dir() and not overwrite:
+    if output_dir.is_dir() and not overwrite and not resuming:
         _refuse_other_runs(output_dir, cfg, training=training)
-    if training:
-        for pattern in TRAINING_ARTIFACTS:
-            for path in output_dir.glob(pattern):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    doomed = STALE_PARTIALS + (TRAINING_ARTIFACTS if training and not resuming else ())
+    for pattern in doomed:
+        for path in output_dir.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -43,7 +48,12 @@ def _refuse_other_runs(output_dir: Path, cfg: Config, *, training: bool) -> None
             old = yaml.safe_load(existing_config.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError:
             old = {}
-        changed = differing_keys(old, config_to_dict(cfg))
+        # Whether a run was started with --resume-from-checkpoint does not make it another run.
+        changed = [
+            key
+            for key in differing_keys(old, config_to_dict(cfg))
+            if key != "train.resume_from_checkpoint"
+        ]
         if changed:
             raise UserError(
                 f"--output-dir {output_dir} holds a different run (differs in "
@@ -51,10 +61,11 @@ def _refuse_other_runs(output_dir: Path, cfg: Config, *, training: bool) -> None
             )
         done = [p.name for p in output_dir.glob("checkpoint-*")]
         done += ["metrics.jsonl"] if (output_dir / "metrics.jsonl").exists() else []
-        if training and done:
+        if training and done and cfg.train.resume_from_checkpoint != "latest":
             artifacts = ", ".join(sorted(done))
             raise UserError(
-                f"--output-dir {output_dir} already holds a trained run ({artifacts}); {how}"
+                f"--output-dir {output_dir} already holds a trained run ({artifacts}); "
+                f"{how}, or continue it with --resume-from-checkpoint latest"
             )
     elif (output_dir / "model_index.json").exists():
         raise UserError(

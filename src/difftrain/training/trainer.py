@@ -3,14 +3,18 @@
 Run it with `difftrain train --config CONFIG.yaml` (or `scripts/train_text_to_image.py`).
 Randomness that shapes a step (latent sampling, noise, timesteps) comes from one CPU
 generator owned by the run and saved in every checkpoint; data order and augmentation come
-from the sampler's (seed, position). So a run is reproducible on any device, and a resume
-can continue the exact stream.
+from the sampler's (seed, position). So a run is reproducible on any device, and a resumed
+run continues the exact stream: it is bit-identical to the run that was never interrupted.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,14 +23,19 @@ import torch.nn.functional as F
 
 from difftrain.config import Config, dump_config
 from difftrain.data.dataset import CaptionedImageDataset, build_dataloader
-from difftrain.data.folder import scan_image_folder
+from difftrain.data.folder import Example, drop_unreadable, scan_image_folder
 from difftrain.diffusion import add_noise, sample_timesteps, training_target
-from difftrain.errors import TrainingStopped, UserError
+from difftrain.errors import TrainingInterrupted, TrainingStopped, UserError
 from difftrain.models.loading import PipelineComponents, load_components, resolve_pretrained
 from difftrain.training.checkpoint import register_unet_hooks, save_checkpoint
 from difftrain.training.determinism import configure_determinism, seed_everything
-from difftrain.training.metrics import MetricsLog, NullMetrics
+from difftrain.training.metrics import MetricsLog, NullMetrics, truncate_metrics
 from difftrain.training.optim import build_lr_scheduler, build_optimizer
+from difftrain.training.resume import (
+    check_resume_config,
+    checkpoint_step,
+    find_resume_checkpoint,
+)
 from difftrain.training.run_dir import prepare_output_dir, write_run_description
 
 logger = logging.getLogger("difftrain")
@@ -39,193 +48,289 @@ class TrainingProgress:
     step: int = 0
     samples_seen: int = 0
     """Position in the sample stream (all processes together)."""
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
     generator: torch.Generator = field(default_factory=torch.Generator)
 
     def state_dict(self) -> dict[str, object]:
         return {
             "step": self.step,
             "samples_seen": self.samples_seen,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "nonfinite_total": self.nonfinite_total,
             "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.step = int(state["step"])
         self.samples_seen = int(state["samples_seen"])
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.generator.set_state(state["generator"])
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    grad_norm: float | None
+    skipped: bool
 
 
 @dataclass
 class TrainResult:
     output_dir: Path
     steps: int
+    """Optimizer steps this call ran (a resumed run counts only its own)."""
     losses: list[float]
+    resumed_from: Path | None = None
 
 
-def train(cfg: Config, *, overwrite: bool = False) -> TrainResult:
+def train(
+    cfg: Config, *, overwrite: bool = False, allow_config_change: tuple[str, ...] = ()
+) -> TrainResult:
     """Fine-tune the UNet of `cfg.model.pretrained` on `cfg.data` and write the outputs."""
     from accelerate import Accelerator
 
     output_dir = Path(cfg.train.output_dir)
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on the CPU")
-    # Check what the user gave (data, model source) before touching the output folder.
-    examples = scan_image_folder(cfg.data.train_dir, cfg.data.caption_column)
+    # Check what the user gave (data, model, checkpoint) before touching the output folder.
+    skip_bad = cfg.data.on_bad_image == "skip"
+    examples = scan_image_folder(cfg.data.train_dir, cfg.data.caption_column, check=not skip_bad)
+    examples, skipped = drop_unreadable(examples) if skip_bad else (examples, [])
     resolve_pretrained(cfg.model.pretrained)
+    checkpoint = find_resume_checkpoint(cfg.train.resume_from_checkpoint, output_dir)
+    if checkpoint is not None:
+        check_resume_config(checkpoint, cfg, allow_config_change)
 
     configure_determinism(cfg.train.deterministic)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
     )
-    if accelerator.is_main_process:
-        prepare_output_dir(output_dir, cfg, overwrite=overwrite, training=True)
+    main = accelerator.is_main_process
+    if main:
+        prepare_output_dir(
+            output_dir, cfg, overwrite=overwrite, training=True, resuming=checkpoint is not None
+        )
+        if checkpoint is not None:
+            # Steps after the checkpoint are about to be trained (again): their lines go.
+            truncate_metrics(output_dir / "metrics.jsonl", checkpoint_step(checkpoint))
     accelerator.wait_for_everyone()
-    log_handler = _log_to_file(output_dir / "logs" / "train.log", accelerator.is_main_process)
-    metrics = (
-        MetricsLog(output_dir / "metrics.jsonl") if accelerator.is_main_process else NullMetrics()
-    )
+    log_handlers = _attach_log_handlers(output_dir / "logs" / "train.log", main)
+    metrics = MetricsLog(output_dir / "metrics.jsonl") if main else NullMetrics()
     try:
-        if accelerator.is_main_process:
+        if main:
             write_run_description(output_dir, cfg)
+            _report_skipped_images(skipped, output_dir)
         seed_everything(cfg.train.seed)
-        components = load_components(cfg.model)
-        losses = _train_loop(cfg, accelerator, components, examples, metrics)
-        if accelerator.is_main_process:
+        run = TrainingRun(cfg, accelerator, load_components(cfg.model), examples, metrics)
+        if checkpoint is not None:
+            run.resume(checkpoint)
+        with _stop_signals() as received:
+            losses = run.train(received)
+        if main:
             from difftrain.training.outputs import save_final_pipeline
 
-            save_final_pipeline(components, accelerator.unwrap_model(components.unet), output_dir)
+            save_final_pipeline(run.components, accelerator.unwrap_model(run.unet), output_dir)
             logger.info("saved the trained pipeline to %s", output_dir)
         accelerator.wait_for_everyone()
-        return TrainResult(output_dir=output_dir, steps=len(losses), losses=losses)
+        return TrainResult(output_dir, len(losses), losses, resumed_from=checkpoint)
     finally:
         metrics.close()
         _release(accelerator)
-        if log_handler is not None:
-            logging.getLogger("difftrain").removeHandler(log_handler)
-            log_handler.close()
+        for handler in log_handlers:
+            logging.getLogger("difftrain").removeHandler(handler)
+            handler.close()
 
 
-def _train_loop(cfg, accelerator, components: PipelineComponents, examples, metrics) -> list[float]:
-    train_cfg = cfg.train
-    device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        accelerator.mixed_precision, torch.float32
-    )
-    # Frozen parts run in the compute precision; the UNet keeps fp32 master weights.
-    for frozen in (components.vae, components.text_encoder):
-        frozen.requires_grad_(False)
-        frozen.eval()
-        # Cast only when needed: diffusers warns about any dtype cast of its models.
-        frozen.to(device) if frozen.dtype == weight_dtype else frozen.to(device, dtype=weight_dtype)
-    unet = components.unet
-    unet.train()
+class TrainingRun:
+    """Everything one training run holds, built from the config's slices."""
 
-    dataset = CaptionedImageDataset(examples, components.tokenizer, cfg.data)
-    progress = TrainingProgress(generator=torch.Generator().manual_seed(train_cfg.seed))
-    optimizer = build_optimizer(train_cfg, unet.parameters())
-    lr_scheduler = build_lr_scheduler(train_cfg, optimizer)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    components.unet = unet
-    register_unet_hooks(accelerator, type(accelerator.unwrap_model(unet)))
-    accelerator.register_for_checkpointing(lr_scheduler, progress)
+    def __init__(
+        self,
+        cfg: Config,
+        accelerator,
+        components: PipelineComponents,
+        examples: list[Example],
+        metrics,
+    ):
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.components = components
+        self.metrics = metrics
+        self.output_dir = Path(cfg.train.output_dir)
+        self.device = accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            accelerator.mixed_precision, torch.float32
+        )
+        # Frozen parts run in the compute precision; the UNet keeps fp32 master weights.
+        for frozen in (components.vae, components.text_encoder):
+            frozen.requires_grad_(False)
+            frozen.eval()
+            # Cast only when needed: diffusers warns about any dtype cast of its models.
+            if frozen.dtype == self.weight_dtype:
+                frozen.to(self.device)
+            else:
+                frozen.to(self.device, dtype=self.weight_dtype)
+        components.unet.train()
 
-    loader = build_dataloader(
-        dataset,
-        batch_size=train_cfg.batch_size,
-        seed=train_cfg.seed,
-        start_position=progress.samples_seen,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-    )
-    scheduler_config = components.noise_scheduler.config
-    alphas_cumprod = components.noise_scheduler.alphas_cumprod.to(device)
-    prediction_type = scheduler_config.prediction_type
-    logger.info(
-        "training %d steps on %d images (%s, %s prediction, batch %d x %d accumulation, %s)",
-        train_cfg.max_steps,
-        len(dataset),
-        components.source,
-        prediction_type,
-        train_cfg.batch_size,
-        train_cfg.gradient_accumulation_steps,
-        device,
-    )
+        self.dataset = CaptionedImageDataset(examples, components.tokenizer, cfg.data)
+        self.progress = TrainingProgress(generator=torch.Generator().manual_seed(cfg.train.seed))
+        optimizer = build_optimizer(cfg.train, components.unet.parameters())
+        self.lr_scheduler = build_lr_scheduler(cfg.train, optimizer)
+        self.unet, self.optimizer = accelerator.prepare(components.unet, optimizer)
+        components.unet = self.unet
+        register_unet_hooks(accelerator, type(accelerator.unwrap_model(self.unet)))
+        accelerator.register_for_checkpointing(self.lr_scheduler, self.progress)
 
-    losses: list[float] = []
-    batches = iter(loader)
-    started = time.perf_counter()
-    while progress.step < train_cfg.max_steps:
-        step_started = time.perf_counter()
-        step_loss = torch.zeros((), device=device)
-        for _ in range(train_cfg.gradient_accumulation_steps):
+        scheduler = components.noise_scheduler
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device)
+        self.prediction_type = scheduler.config.prediction_type
+
+    def resume(self, checkpoint: Path) -> None:
+        """Restore model, optimizer, LR schedule, RNG states and stream position."""
+        self.accelerator.load_state(str(checkpoint))
+        logger.info("resumed from %s at step %d", checkpoint, self.progress.step)
+
+    def train(self, stop_signals: list[int]) -> list[float]:
+        cfg = self.cfg.train
+        logger.info(
+            "training %d steps on %d images (%s, %s prediction, batch %d x %d accumulation, %s)",
+            cfg.max_steps, len(self.dataset), self.components.source, self.prediction_type,
+            cfg.batch_size, cfg.gradient_accumulation_steps, self.device,
+        )  # fmt: skip
+        batches = iter(
+            build_dataloader(
+                self.dataset,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed,
+                start_position=self.progress.samples_seen,
+                rank=self.accelerator.process_index,
+                world_size=self.accelerator.num_processes,
+            )
+        )
+        losses: list[float] = []
+        started = time.perf_counter()
+        while self.progress.step < cfg.max_steps:
+            step_started = time.perf_counter()
+            result = self._optimizer_step(batches)
+            self.progress.step += 1
+            losses.append(result.loss)
+            self._log_step(result, step_started, started)
+            checkpointed = self._maybe_checkpoint()
+            self._maybe_validate()
+            if stop_signals:
+                self._stop_for_signal(stop_signals[0], checkpointed)
+        return losses
+
+    def _optimizer_step(self, batches: Iterator) -> StepResult:
+        """One optimizer step over `gradient_accumulation_steps` batches.
+
+        A non-finite loss either stops the run or, with `train.on_nonfinite: skip`, drops the
+        update: no NaN ever reaches the weights.
+        """
+        cfg, accelerator, progress = self.cfg.train, self.accelerator, self.progress
+        step_loss = torch.zeros((), device=self.device)
+        grad_norm = None
+        skipped = False
+        for _ in range(cfg.gradient_accumulation_steps):
             batch = next(batches)
-            progress.samples_seen += train_cfg.batch_size * accelerator.num_processes
-            with accelerator.accumulate(unet):
+            progress.samples_seen += cfg.batch_size * accelerator.num_processes
+            with accelerator.accumulate(self.unet):
                 loss = diffusion_loss(
-                    batch,
-                    components,
-                    unet,
-                    progress.generator,
-                    alphas_cumprod=alphas_cumprod,
-                    prediction_type=prediction_type,
-                    weight_dtype=weight_dtype,
-                )
-                step_loss += loss.detach() / train_cfg.gradient_accumulation_steps
+                    batch, self.components, self.unet, progress.generator,
+                    alphas_cumprod=self.alphas_cumprod, prediction_type=self.prediction_type,
+                    weight_dtype=self.weight_dtype,
+                )  # fmt: skip
+                step_loss += loss.detach() / cfg.gradient_accumulation_steps
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     step_loss = accelerator.reduce(step_loss, reduction="mean")
-                    if not torch.isfinite(step_loss):
-                        # Stop before the update: no NaN ever reaches the weights or a file.
-                        raise TrainingStopped(
-                            f"non-finite loss ({step_loss.item()}) at step {progress.step + 1}; "
-                            "no weights were saved from this step; lower train.learning_rate "
-                            "or check the data"
-                        )
-                    grad_norm = None
-                    if train_cfg.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(
-                            unet.parameters(), train_cfg.max_grad_norm
-                        )
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        lr = lr_scheduler.get_last_lr()[0]
-        lr_scheduler.step()
-        progress.step += 1
+                    skipped = not torch.isfinite(step_loss)
+                    if skipped:
+                        self._on_nonfinite(step_loss.item())
+                    elif cfg.max_grad_norm > 0:
+                        params = self.unet.parameters()
+                        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+                if not skipped:
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        if not skipped:
+            progress.nonfinite_in_a_row = 0
+        lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used
+        self.lr_scheduler.step()
+        return StepResult(step_loss.item(), lr, grad_norm, skipped)
 
-        loss_value = step_loss.item()
-        losses.append(loss_value)
-        record = {
-            "step": progress.step,
-            "loss": loss_value,
-            "lr": lr,
-            "grad_norm": None if grad_norm is None else float(grad_norm),
-            "epoch": progress.samples_seen / len(dataset),
-            "step_time_s": round(time.perf_counter() - step_started, 6),
-            "elapsed_s": round(time.perf_counter() - started, 3),
-        }
-        metrics.log(record)
-        logger.info(
-            "step %d/%d loss %.6f lr %.3e", progress.step, train_cfg.max_steps, loss_value, lr
-        )
-
-        every = cfg.checkpointing.every_steps
-        if every and progress.step % every == 0:
-            path = save_checkpoint(
-                accelerator,
-                Path(train_cfg.output_dir),
-                progress.step,
-                total_limit=cfg.checkpointing.total_limit,
-                write_extra=lambda folder: dump_config(cfg, folder / "config.yaml"),
+    def _on_nonfinite(self, loss: float) -> None:
+        cfg, progress = self.cfg.train, self.progress
+        step = progress.step + 1
+        progress.nonfinite_in_a_row += 1
+        progress.nonfinite_total += 1
+        if cfg.on_nonfinite == "stop":
+            raise TrainingStopped(
+                f"non-finite loss ({loss}) at step {step}; no weights were saved from this "
+                "step; lower train.learning_rate or check the data (or set "
+                "train.on_nonfinite: skip)"
             )
-            logger.info("saved %s", path)
-        if accelerator.is_main_process and _validation_due(cfg, progress.step):
+        if progress.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+            raise TrainingStopped(
+                f"{progress.nonfinite_in_a_row} non-finite losses in a row, the last at step "
+                f"{step} (train.max_nonfinite_steps); lower train.learning_rate or check the data"
+            )
+        logger.warning("non-finite loss (%s) at step %d: update skipped", loss, step)
+
+    def _log_step(self, result: StepResult, step_started: float, started: float) -> None:
+        step, loss, lr = self.progress.step, result.loss, result.lr
+        self.metrics.log(
+            {
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": result.grad_norm,
+                "epoch": self.progress.samples_seen / len(self.dataset),
+                "skipped": result.skipped,
+                "nonfinite_total": self.progress.nonfinite_total,
+                "step_time_s": round(time.perf_counter() - step_started, 6),
+                "elapsed_s": round(time.perf_counter() - started, 3),
+            }
+        )
+        logger.info("step %d/%d loss %.6f lr %.3e", step, self.cfg.train.max_steps, loss, lr)
+
+    def _maybe_checkpoint(self, force: bool = False) -> bool:
+        every = self.cfg.checkpointing.every_steps
+        if not force and not (every and self.progress.step % every == 0):
+            return False
+        path = save_checkpoint(
+            self.accelerator, self.output_dir, self.progress.step,
+            total_limit=self.cfg.checkpointing.total_limit,
+            write_extra=lambda folder: dump_config(self.cfg, folder / "config.yaml"),
+        )  # fmt: skip
+        logger.info("saved %s", path)
+        return True
+
+    def _maybe_validate(self) -> None:
+        validation, step = self.cfg.validation, self.progress.step
+        due = step == self.cfg.train.max_steps or (
+            validation.every_steps and step % validation.every_steps == 0
+        )
+        if validation.prompts and due and self.accelerator.is_main_process:
             from difftrain.training.outputs import save_validation_grid
 
-            path = save_validation_grid(
-                components, accelerator.unwrap_model(unet), cfg, progress.step
-            )
+            unet = self.accelerator.unwrap_model(self.unet)
+            path = save_validation_grid(self.components, unet, self.cfg, step)
             logger.info("saved validation samples %s", path)
-    return losses
+
+    def _stop_for_signal(self, signum: int, checkpointed: bool) -> None:
+        if not checkpointed:
+            self._maybe_checkpoint(force=True)
+        path = self.output_dir / f"checkpoint-{self.progress.step}"
+        raise TrainingInterrupted(
+            signum,
+            f"{signal.Signals(signum).name} received: stopped after step {self.progress.step} "
+            f"with checkpoint {path}; continue with --resume-from-checkpoint latest",
+        )
 
 
 def diffusion_loss(
@@ -246,9 +351,8 @@ def diffusion_loss(
         latents = vae.encode(pixels).latent_dist.sample(generator=generator)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         latents = ((latents - shift) * vae.config.scaling_factor).float()
-        text_embeddings = components.text_encoder(batch["input_ids"].to(device), return_dict=False)[
-            0
-        ]
+        input_ids = batch["input_ids"].to(device)
+        text_embeddings = components.text_encoder(input_ids, return_dict=False)[0]
 
     # Drawn on the CPU generator, then moved: the same numbers on every device.
     noise = torch.randn(latents.shape, generator=generator).to(device)
@@ -257,6 +361,43 @@ def diffusion_loss(
     target = training_target(prediction_type, latents, noise, alphas_cumprod, timesteps)
     prediction = unet(noisy, timesteps, text_embeddings, return_dict=False)[0]
     return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+
+
+@contextmanager
+def _stop_signals() -> Iterator[list[int]]:
+    """Record SIGINT / SIGTERM instead of dying mid-step; the loop stops at the step's end."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # signal handlers can only be set from the main thread
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def record(signum, frame):
+        if not received:
+            logger.warning("%s received: stopping after this step", signal.Signals(signum).name)
+        received.append(signum)
+
+    for sig in signals:
+        signal.signal(sig, record)
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _report_skipped_images(skipped: list[tuple[Path, str]], output_dir: Path) -> None:
+    if not skipped:
+        return
+    lines = "".join(f"{path}\t{reason}\n" for path, reason in skipped)
+    (output_dir / "skipped_images.txt").write_text(lines, encoding="utf-8")
+    shown = ", ".join(path.name for path, _ in skipped[:5])
+    more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    logger.warning(
+        "skipped %d unreadable images (%s%s); all listed in %s",
+        len(skipped), shown, more, output_dir / "skipped_images.txt",
+    )  # fmt: skip
 
 
 def _release(accelerator) -> None:
@@ -270,26 +411,22 @@ def _release(accelerator) -> None:
         GradientState._reset_state()
 
 
-def _validation_due(cfg: Config, step: int) -> bool:
-    if not cfg.validation.prompts:
-        return False
-    every = cfg.validation.every_steps
-    return step == cfg.train.max_steps or bool(every and step % every == 0)
+def _attach_log_handlers(path: Path, main_process: bool) -> list[logging.Handler]:
+    """Send the `difftrain` logger to stderr and (main process only) to `path`, for one run.
 
-
-def _log_to_file(path: Path, enabled: bool) -> logging.Handler | None:
-    """Send the `difftrain` logger to `path` (main process only) and to stderr."""
+    Attached per run and removed after it, so each run writes to the stderr and log file of
+    its own time (a notebook or a test may swap sys.stderr between runs).
+    """
     root = logging.getLogger("difftrain")
     root.setLevel(logging.INFO)
-    if not any(getattr(h, "_difftrain_console", False) for h in root.handlers):
-        console = logging.StreamHandler()
-        console.setFormatter(logging.Formatter("%(message)s"))
-        console._difftrain_console = True
-        root.addHandler(console)
-    if not enabled:
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root.addHandler(handler)
-    return handler
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(message)s"))
+    handlers: list[logging.Handler] = [console]
+    if main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handlers.append(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    return handlers
