@@ -192,6 +192,17 @@ class TrainingRun:
     def resume(self, checkpoint: Path) -> None:
         """Restore model, optimizer, LR schedule, RNG states and stream position."""
         self.accelerator.load_state(str(checkpoint))
+        # The schedule is a function of train.max_steps, which may have changed: set this
+        # step's rate from the current schedule (the same number when nothing changed).
+        scheduler = self.lr_scheduler
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            rates = [
+                base * factor(scheduler.last_epoch)
+                for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
+            ]
+            for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+                group["lr"] = rate
+            scheduler._last_lr = rates
         logger.info("resumed from %s at step %d", checkpoint, self.progress.step)
 
     def train(self, stop_signals: list[int]) -> list[float]:
