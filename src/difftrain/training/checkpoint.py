@@ -68,9 +68,22 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:
-    """Delete the oldest checkpoints until at most `keep` remain; returns what went."""
+    """Delete the oldest checkpoints until at most `keep` remain; returns what went.
+
+    Incomplete `checkpoint-N` folders older than the newest complete one go too: they are
+    what a kill during an earlier prune left, and can never be resumed from.
+    """
     checkpoints = list_checkpoints(output_dir)
     doomed = [path for _, path in checkpoints[: max(0, len(checkpoints) - keep)]]
+    if checkpoints:
+        complete = {path for _, path in checkpoints}
+        doomed += [
+            path
+            for path in output_dir.glob("checkpoint-*")
+            if path not in complete
+            and (match := CHECKPOINT_PATTERN.match(path.name))
+            and int(match.group(1)) < checkpoints[-1][0]
+        ]
     for path in doomed:
         shutil.rmtree(path)
     return doomed
