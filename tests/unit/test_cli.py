@@ -71,6 +71,14 @@ def bad_inputs(tmp_path: Path, dummy_data_dir: Path) -> dict[str, tuple[list[str
     corrupt.mkdir()
     (corrupt / "x.png").write_bytes(b"garbage")
     (corrupt / "x.txt").write_text("a caption")
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    whole = (dummy_data_dir / "00000.png").read_bytes()
+    (truncated / "x.png").write_bytes(whole[: len(whole) // 2])
+    (truncated / "x.txt").write_text("a caption")
+    other_run = tmp_path / "other_run"
+    other_run.mkdir()
+    (other_run / "config.yaml").write_text("train: {seed: 12345}\n")
     empty = tmp_path / "empty"
     empty.mkdir()
     out = ["--output-dir", str(tmp_path / "out")]
@@ -116,6 +124,30 @@ def bad_inputs(tmp_path: Path, dummy_data_dir: Path) -> dict[str, tuple[list[str
             ],
             "cannot read image",
         ),
+        "truncated image": (
+            [
+                "train",
+                "--config",
+                config("ti", f"data: {{train_dir: {truncated}, resolution: 64}}\n"),
+                *out,
+            ],
+            "cannot read image",
+        ),
+        "output dir holds a different run": (
+            ["train", "--config", config("o", data), "--output-dir", str(other_run)],
+            "holds a different run",
+        ),
+        "resume from a non-checkpoint": (
+            [
+                "train",
+                "--config",
+                config("nc", data),
+                *out,
+                "--resume-from-checkpoint",
+                str(dummy_data_dir),
+            ],
+            "is not a complete checkpoint",
+        ),
         "missing model": (
             ["train", "--config", config("m", data + "model: {pretrained: ./no/model}\n"), *out],
             "model.pretrained: folder ./no/model does not exist",
@@ -141,6 +173,9 @@ CASES = [
     "no images",
     "no caption",
     "corrupt image",
+    "truncated image",
+    "output dir holds a different run",
+    "resume from a non-checkpoint",
     "missing model",
     "bad --set",
     "dummy data into a full folder",
@@ -160,6 +195,7 @@ def test_bad_input_is_one_line_and_exit_2(
     assert expected in lines[0]
     assert "Traceback" not in err
     assert not (tmp_path / "out" / "config.yaml").exists()  # nothing written for bad input
+    assert (tmp_path / "other_run" / "config.yaml").read_text() == "train: {seed: 12345}\n"
 
 
 def test_exit_code_2_from_a_real_process(tmp_path: Path) -> None:

@@ -200,3 +200,25 @@ def test_worker_processes_give_the_same_batches(dummy_data_dir: Path, tiny_model
         loader = iter(build_dataloader(dataset, batch_size=3, seed=7, start_position=5))
         batches.append([next(loader)["pixel_values"] for _ in range(3)])
     assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[1], strict=True))
+
+
+def test_a_bad_image_in_a_worker_process_is_still_one_clean_line(
+    tmp_path: Path, dummy_data_dir: Path, tiny_model_dir: Path
+) -> None:
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    data = tmp_path / "data"
+    shutil.copytree(dummy_data_dir, data)
+    examples = scan_image_folder(data)
+    (data / "00000.png").write_bytes(b"broken after the scan")  # only decoding can find it
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    cfg = DataConfig(train_dir=str(data), resolution=32, num_workers=1)
+    dataset = CaptionedImageDataset(examples, tokenizer, cfg)
+    loader = build_dataloader(dataset, batch_size=8, seed=0)
+    with pytest.raises(UserError) as error:
+        next(iter(loader))
+    message = str(error.value)
+    assert message.startswith("data.train_dir: cannot read image") and "00000.png" in message
+    assert "Traceback" not in message and "DataLoader worker" not in message

@@ -29,8 +29,8 @@ def scan_image_folder(
 ) -> list[Example]:
     """All (image, caption) pairs of `folder`, in a stable order.
 
-    With `check`, every image's header is read now, so a file that is not an image at all
-    fails before training starts (`drop_unreadable` is the lenient alternative).
+    With `check`, every image is verified now (`check_image_file`), so a broken file fails
+    before training starts (`drop_unreadable` is the lenient alternative).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -51,7 +51,7 @@ def scan_image_folder(
         )
     if check:
         for example in examples:
-            check_image_header(example.image_path)
+            check_image_file(example.image_path)
     return examples
 
 
@@ -75,18 +75,19 @@ def drop_unreadable(examples: list[Example]) -> tuple[list[Example], list[tuple[
     return kept, skipped
 
 
-def check_image_header(path: Path) -> None:
-    """Fail now, naming the file, if it is not an image at all (reads the header only).
+def check_image_file(path: Path) -> None:
+    """Fail now, naming the file, if it is not an image or is cut short.
 
-    A file whose header is fine but whose data is cut short fails later, when it is decoded,
-    with the same kind of message.
+    PIL's `verify` reads the file without decoding it (about 0.3 ms for a 512 px PNG): it
+    catches garbage and truncated PNGs. What it cannot see (a damaged JPEG body) fails when
+    the image is decoded, with the same kind of message.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path):
-            pass
-    except (UnidentifiedImageError, OSError) as exc:
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserError(
             f"data.train_dir: cannot read image {path} ({exc}); replace or remove the file"
         ) from None
