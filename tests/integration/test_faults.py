@@ -80,7 +80,7 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(
             else:
                 # Even kills: a random moment a few steps on.
                 target = start + rng.randint(1, 3)
-                alive = wait_for(lambda: steps_done(out) >= target, process)
+                alive = wait_for(lambda target=target: steps_done(out) >= target, process)
                 time.sleep(rng.uniform(0, 0.05))
             if alive and process.poll() is None:
                 inside_checkpoint_write += any(out.glob(".checkpoint-*.partial"))

@@ -85,7 +85,28 @@ def config_from_dict(raw: dict[str, Any], source: str | None = None) -> Config:
     """Build a validated Config from a plain mapping (as read from YAML)."""
     # Unknown keys first, everywhere: a typo explains a "missing" value better than the reverse.
     _reject_unknown_keys(Config, raw, prefix="", source=source)
-    return _build(Config, raw, prefix="", source=source)
+    cfg = _build(Config, raw, prefix="", source=source)
+    _check_combinations(cfg, source)
+    return cfg
+
+
+def _check_combinations(cfg: Config, source: str | None) -> None:
+    """Keys that are fine alone but not together."""
+    if cfg.validation.loss_every_steps and not cfg.validation.loss_dir:
+        raise ConfigError(
+            "validation.loss_dir",
+            "is required when validation.loss_every_steps > 0 (a folder of held-out images)",
+            source,
+        )
+    if cfg.lora.train_text_encoder and not cfg.lora.enabled:
+        raise ConfigError("lora.train_text_encoder", "needs lora.enabled: true", source)
+    if cfg.ema.enabled and cfg.lora.enabled:
+        raise ConfigError(
+            "ema.enabled",
+            "works with full fine-tuning only (the adapters are what trains under LoRA); "
+            "turn off ema.enabled or lora.enabled",
+            source,
+        )
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -77,6 +77,10 @@ class DataConfig:
     num_workers: int = _checked(0, _non_negative)
     """Data-loader worker processes; 0 loads in the training process."""
 
+    caption_dropout: float = _checked(0.0, _probability)
+    """Probability of training on an empty caption instead (teaches the unconditional
+    prediction that classifier-free guidance needs); reproducible from `train.seed`."""
+
     on_bad_image: Literal["error", "skip"] = "error"
     """A corrupt or truncated image stops the run (`error`), or is left out and listed in
     `OUTPUT_DIR/skipped_images.txt` (`skip`; every image is then decoded once up front)."""
@@ -119,6 +123,32 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Autocast precision through accelerate; trained weights stay fp32."""
 
+    allow_tf32: bool = False
+    """Let Ampere+ GPUs use TF32 for fp32 matmuls and convolutions (faster, ~10 mantissa bits)."""
+
+    gradient_checkpointing: bool = False
+    """Recompute UNet activations in the backward pass: less memory, about 20-30% slower."""
+
+    use_8bit_adam: bool = False
+    """bitsandbytes' 8-bit AdamW (needs `pip install bitsandbytes` and a CUDA GPU)."""
+
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    """Train for this parameterisation instead of the scheduler's own; the saved pipeline's
+    scheduler is switched with it, so inference matches."""
+
+    snr_gamma: float | None = _checked(None, _positive)
+    """Min-SNR loss weighting (Hang et al., 2023) with this gamma (5.0 is usual); null is off."""
+
+    noise_offset: float = _checked(0.0, _non_negative)
+    """Add this much per-channel constant noise (helps very dark / bright images); 0 is off."""
+
+    input_perturbation: float = _checked(0.0, _non_negative)
+    """Perturb the noise that makes the model input by this factor (Ning et al., 2023); 0 is off."""
+
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """Also send metrics to TensorBoard (OUTPUT_DIR/logs/) or Weights & Biases;
+    metrics.jsonl is always written."""
+
     deterministic: bool = False
     """Seed everything and force deterministic kernels: two runs give identical weights."""
 
@@ -157,6 +187,56 @@ class ValidationConfig:
     num_inference_steps: int = _checked(20, _positive)
     guidance_scale: float = _checked(7.5, _non_negative)
 
+    loss_every_steps: int = _checked(0, _non_negative)
+    """Every N steps, a validation loss on `loss_dir` at fixed timesteps and fixed noise, so it
+    is comparable across steps and runs (logged as `val_loss`); 0 turns it off."""
+
+    loss_dir: str | None = None
+    """Held-out image folder (same layouts as data.train_dir) for the validation loss."""
+
+    loss_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    """Timesteps at which every held-out image is scored."""
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    enabled: bool = False
+    """Train low-rank adapters (peft) instead of the whole UNet."""
+
+    rank: int = _checked(4, _positive)
+    alpha: float = _checked(4.0, _positive)
+    """Scale of the adapter output is alpha / rank."""
+
+    dropout: float = _checked(0.0, _probability)
+
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """UNet modules that get adapters (the attention projections by default)."""
+
+    train_text_encoder: bool = False
+    """Also put adapters on the text encoder's attention projections and train them."""
+
+
+@dataclass(kw_only=True)
+class EmaConfig:
+    enabled: bool = False
+    """Keep an exponential moving average of the UNet weights (saved as `unet_ema/`)."""
+
+    decay: float = _checked(0.9999, _probability)
+    """Upper bound of the EMA decay."""
+
+    update_every: int = _checked(1, _positive)
+    """Update the average every N optimizer steps."""
+
+    warmup: bool = True
+    """diffusers' power schedule: decay = 1 - (1 + step / inv_gamma) ** -power, capped by
+    `decay`; false uses diffusers' default (1 + step) / (10 + step), also capped."""
+
+    inv_gamma: float = _checked(1.0, _positive)
+    power: float = _checked(2 / 3, _positive)
+
+    use_for_final: bool = True
+    """Save the EMA weights (not the raw ones) as the final UNet; validation images use them."""
+
 
 @dataclass(kw_only=True)
 class Config:
@@ -165,3 +245,5 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)

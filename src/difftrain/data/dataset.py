@@ -26,14 +26,19 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: SampleKey) -> dict[str, torch.Tensor]:
         example = self.examples[key.index]
+        rng = random.Random(key.augment_seed)
         pixels = preprocess(
             load_rgb(example.image_path),
             self.cfg.resolution,
             center_crop=self.cfg.center_crop,
             random_flip=self.cfg.random_flip,
-            rng=random.Random(key.augment_seed),
+            rng=rng,
         )
-        return {"pixel_values": pixels, "input_ids": self.tokenize(example.caption)}
+        caption = example.caption
+        # Drawn only when on, so runs without caption dropout keep their exact stream.
+        if self.cfg.caption_dropout and rng.random() < self.cfg.caption_dropout:
+            caption = ""
+        return {"pixel_values": pixels, "input_ids": self.tokenize(caption)}
 
     def tokenize(self, caption: str) -> torch.Tensor:
         return self.tokenizer(

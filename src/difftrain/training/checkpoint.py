@@ -7,8 +7,9 @@ leaves at worst a `.partial` folder that the next save removes.
 
 The state itself is saved by `accelerator.save_state`, so the same code serves one process,
 DDP, FSDP and DeepSpeed: every process writes its own RNG state, only the main process writes
-the rest, the manifest and the rename. The UNet is saved in diffusers format (`unet/`) by a
-save hook, so a checkpoint's UNet loads into the base pipeline on its own.
+the rest, the manifest and the rename. The models are saved in diffusers formats by a save
+hook (`register_model_hooks`), so a checkpoint's UNet or LoRA loads into the base pipeline on
+its own.
 """
 
 from __future__ import annotations
@@ -103,8 +104,6 @@ def save_checkpoint(
     try:
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
-            if total_limit is not None:
-                prune_checkpoints(output_dir, keep=total_limit - 1)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(partial))
         accelerator.wait_for_everyone()
@@ -114,6 +113,10 @@ def save_checkpoint(
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
+            # Prune only once the new checkpoint is complete: a failed write must leave the
+            # previous checkpoint in place, even with total_limit: 1.
+            if total_limit is not None:
+                prune_checkpoints(output_dir, keep=total_limit)
         accelerator.wait_for_everyone()
     except OSError as exc:
         if accelerator.is_main_process:
@@ -125,21 +128,41 @@ def save_checkpoint(
     return final
 
 
-def register_unet_hooks(accelerator, unet_class) -> None:
-    """Save / load the UNet as `unet/` in diffusers format instead of accelerate's blob."""
+def register_model_hooks(accelerator, *, unet, text_encoder=None, lora: bool = False, ema=None):
+    """Save / load the trained models in diffusers formats instead of accelerate's blobs.
+
+    Full fine-tune: `unet/` (loads on its own with `UNet2DConditionModel.from_pretrained`).
+    LoRA: `pytorch_lora_weights.safetensors` (loads with `pipe.load_lora_weights`).
+    EMA: `unet_ema/`, written by diffusers' `EMAModel.save_pretrained`.
+    `unet` and `text_encoder` are the unwrapped models; `text_encoder` only when it trains.
+    """
+    from difftrain.models.lora import load_lora_weights_into, save_lora_weights
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            for model in models:
-                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
-                weights.pop()
+            if lora:
+                save_lora_weights(Path(output_dir), unet, text_encoder)
+            else:
+                unet.save_pretrained(os.path.join(output_dir, "unet"))
+            if ema is not None:
+                ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
+        # Every model is in the formats above: accelerate need not save it again.
+        weights.clear()
 
     def load_hook(models, input_dir):
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            loaded = unet_class.from_pretrained(input_dir, subfolder="unet")
-            model.register_to_config(**loaded.config)
-            model.load_state_dict(loaded.state_dict())
+        models.clear()  # loaded here, not by accelerate
+        if lora:
+            load_lora_weights_into(Path(input_dir), unet, text_encoder)
+        else:
+            loaded = type(unet).from_pretrained(input_dir, subfolder="unet")
+            unet.load_state_dict(loaded.state_dict())
+            del loaded
+        if ema is not None:
+            from diffusers.training_utils import EMAModel
+
+            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), type(unet))
+            ema.load_state_dict(loaded.state_dict())
+            ema.to(accelerator.device)
             del loaded
 
     accelerator.register_save_state_pre_hook(save_hook)

@@ -26,8 +26,12 @@ def save_final_pipeline(
     """
     from diffusers import DiffusionPipeline
 
+    # The run's own scheduler: it carries a train.prediction_type override, if any.
     pipeline = DiffusionPipeline.from_pretrained(
-        components.source, revision=components.revision, unet=unet
+        components.source,
+        revision=components.revision,
+        unet=unet,
+        scheduler=components.inference_scheduler,
     )
     staging = Path(tempfile.mkdtemp(prefix=".final.", dir=output_dir))
     try:

@@ -15,21 +15,22 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from difftrain.config import Config, dump_config
+from difftrain.config import Config, config_to_dict, dump_config
 from difftrain.data.dataset import CaptionedImageDataset, build_dataloader
 from difftrain.data.folder import Example, drop_unreadable, scan_image_folder
 from difftrain.diffusion import add_noise, sample_timesteps, training_target
+from difftrain.diffusion.noise import offset_noise, perturbed_noise
+from difftrain.diffusion.weighting import min_snr_weights, snr, weighted_mse
 from difftrain.errors import TrainingInterrupted, TrainingStopped, UserError
 from difftrain.models.loading import PipelineComponents, load_components, resolve_pretrained
-from difftrain.training.checkpoint import register_unet_hooks, save_checkpoint
+from difftrain.training.checkpoint import register_model_hooks, save_checkpoint
 from difftrain.training.determinism import configure_determinism, seed_everything
-from difftrain.training.metrics import MetricsLog, NullMetrics, truncate_metrics
+from difftrain.training.metrics import truncate_metrics
 from difftrain.training.optim import build_lr_scheduler, build_optimizer
 from difftrain.training.resume import (
     check_resume_config,
@@ -37,6 +38,7 @@ from difftrain.training.resume import (
     find_resume_checkpoint,
 )
 from difftrain.training.run_dir import prepare_output_dir, write_run_description
+from difftrain.training.tracking import build_tracker, check_tracker_available
 
 logger = logging.getLogger("difftrain")
 
@@ -100,6 +102,7 @@ def train(
     examples = scan_image_folder(cfg.data.train_dir, cfg.data.caption_column, check=not skip_bad)
     examples, skipped = drop_unreadable(examples) if skip_bad else (examples, [])
     resolve_pretrained(cfg.model.pretrained)
+    check_tracker_available(cfg.train.report_to)
     checkpoint = find_resume_checkpoint(cfg.train.resume_from_checkpoint, output_dir)
     if checkpoint is not None:
         check_resume_config(checkpoint, cfg, allow_config_change)
@@ -118,27 +121,37 @@ def train(
             # Steps after the checkpoint are about to be trained (again): their lines go.
             truncate_metrics(output_dir / "metrics.jsonl", checkpoint_step(checkpoint))
     accelerator.wait_for_everyone()
-    log_handlers = _attach_log_handlers(output_dir / "logs" / "train.log", main)
-    metrics = MetricsLog(output_dir / "metrics.jsonl") if main else NullMetrics()
+    tracker = build_tracker(
+        main,
+        output_dir=output_dir,
+        report_to=cfg.train.report_to,
+        max_steps=cfg.train.max_steps,
+        start_step=checkpoint_step(checkpoint) if checkpoint is not None else 0,
+        run_config=config_to_dict(cfg),
+    )
+    # With a progress bar on the terminal, per-step lines go to logs/train.log only.
+    log_handlers = _attach_log_handlers(
+        output_dir / "logs" / "train.log", main, console_steps=not tracker.shows_progress
+    )
     try:
         if main:
             write_run_description(output_dir, cfg)
             _report_skipped_images(skipped, output_dir)
         seed_everything(cfg.train.seed)
-        run = TrainingRun(cfg, accelerator, load_components(cfg.model), examples, metrics)
+        run = TrainingRun(cfg, accelerator, load_components(cfg.model), examples, tracker)
         if checkpoint is not None:
             run.resume(checkpoint)
         with _stop_signals() as received:
             losses = run.train(received)
         if main:
-            from difftrain.training.outputs import save_final_pipeline
-
-            save_final_pipeline(run.components, accelerator.unwrap_model(run.unet), output_dir)
-            logger.info("saved the trained pipeline to %s", output_dir)
+            run.save_outputs()
+            run.write_model_card(losses)
+            kind = "LoRA weights" if cfg.lora.enabled else "pipeline"
+            logger.info("saved the trained %s to %s", kind, output_dir)
         accelerator.wait_for_everyone()
         return TrainResult(output_dir, len(losses), losses, resumed_from=checkpoint)
     finally:
-        metrics.close()
+        tracker.close()
         _release(accelerator)
         for handler in log_handlers:
             logging.getLogger("difftrain").removeHandler(handler)
@@ -154,40 +167,103 @@ class TrainingRun:
         accelerator,
         components: PipelineComponents,
         examples: list[Example],
-        metrics,
+        tracker,
     ):
         self.cfg = cfg
         self.accelerator = accelerator
         self.components = components
-        self.metrics = metrics
+        self.tracker = tracker
         self.output_dir = Path(cfg.train.output_dir)
         self.device = accelerator.device
+        train_cfg, lora = cfg.train, cfg.lora
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             accelerator.mixed_precision, torch.float32
         )
-        # Frozen parts run in the compute precision; the UNet keeps fp32 master weights.
-        for frozen in (components.vae, components.text_encoder):
-            frozen.requires_grad_(False)
-            frozen.eval()
-            # Cast only when needed: diffusers warns about any dtype cast of its models.
-            if frozen.dtype == self.weight_dtype:
-                frozen.to(self.device)
-            else:
-                frozen.to(self.device, dtype=self.weight_dtype)
-        components.unet.train()
+        if train_cfg.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        unet, text_encoder = components.unet, components.text_encoder
+        # Frozen weights run in the compute precision. A full fine-tune keeps the UNet in fp32
+        # (the master weights); LoRA freezes it too and trains fp32 adapters on top.
+        frozen = [components.vae, text_encoder] + ([unet] if lora.enabled else [])
+        for model in frozen:
+            model.requires_grad_(False)
+            _to(model, self.device, self.weight_dtype)
+        components.vae.eval()
+        text_encoder.eval()
+        unet.to(self.device)
+        if lora.enabled:
+            from difftrain.models.lora import add_lora_adapters
+
+            add_lora_adapters(unet, text_encoder, lora)
+        self.train_text_encoder = lora.enabled and lora.train_text_encoder
+        if train_cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            if self.train_text_encoder:
+                text_encoder.gradient_checkpointing_enable()
+        unet.train()
+        if self.train_text_encoder:
+            text_encoder.train()
+
+        self.ema = None
+        if cfg.ema.enabled:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(
+                unet.parameters(),
+                decay=cfg.ema.decay,
+                use_ema_warmup=cfg.ema.warmup,
+                inv_gamma=cfg.ema.inv_gamma,
+                power=cfg.ema.power,
+                model_cls=type(unet),
+                model_config=unet.config,
+            )
+            self.ema.to(self.device)
 
         self.dataset = CaptionedImageDataset(examples, components.tokenizer, cfg.data)
-        self.progress = TrainingProgress(generator=torch.Generator().manual_seed(cfg.train.seed))
-        optimizer = build_optimizer(cfg.train, components.unet.parameters())
-        self.lr_scheduler = build_lr_scheduler(cfg.train, optimizer)
-        self.unet, self.optimizer = accelerator.prepare(components.unet, optimizer)
+        self.progress = TrainingProgress(generator=torch.Generator().manual_seed(train_cfg.seed))
+        trained = [unet] + ([text_encoder] if self.train_text_encoder else [])
+        params = [p for model in trained for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(train_cfg, params)
+        self.lr_scheduler = build_lr_scheduler(train_cfg, optimizer)
+        if self.train_text_encoder:
+            self.unet, components.text_encoder, self.optimizer = accelerator.prepare(
+                unet, text_encoder, optimizer
+            )
+        else:
+            self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
         components.unet = self.unet
-        register_unet_hooks(accelerator, type(accelerator.unwrap_model(self.unet)))
+        self.trained_params = params
+        register_model_hooks(
+            accelerator,
+            unet=unet,
+            text_encoder=text_encoder if self.train_text_encoder else None,
+            lora=lora.enabled,
+            ema=self.ema,
+        )
         accelerator.register_for_checkpointing(self.lr_scheduler, self.progress)
 
         scheduler = components.noise_scheduler
+        if train_cfg.prediction_type is not None:
+            # Train for the requested parameterisation; the saved pipeline's scheduler follows.
+            for sched in (scheduler, components.inference_scheduler):
+                sched.register_to_config(prediction_type=train_cfg.prediction_type)
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device)
-        self.prediction_type = scheduler.config.prediction_type
+        self.loss_settings = LossSettings(
+            prediction_type=scheduler.config.prediction_type,
+            snr_gamma=train_cfg.snr_gamma,
+            noise_offset=train_cfg.noise_offset,
+            input_perturbation=train_cfg.input_perturbation,
+            weight_dtype=self.weight_dtype,
+            train_text_encoder=self.train_text_encoder,
+        )
+        self.prediction_type = self.loss_settings.prediction_type
+        self.last_grid: Path | None = None
+        self.validation_loss = None
+        if cfg.validation.loss_every_steps:
+            from difftrain.training.validation_loss import ValidationLoss
+
+            self.validation_loss = ValidationLoss(cfg, components, self.device, self.weight_dtype)
 
     def resume(self, checkpoint: Path) -> None:
         """Restore model, optimizer, LR schedule, RNG states and stream position."""
@@ -229,7 +305,8 @@ class TrainingRun:
             result = self._optimizer_step(batches)
             self.progress.step += 1
             losses.append(result.loss)
-            self._log_step(result, step_started, started)
+            val_loss = self._maybe_validation_loss()
+            self._log_step(result, val_loss, step_started, started)
             checkpointed = self._maybe_checkpoint()
             self._maybe_validate()
             if stop_signals:
@@ -252,8 +329,7 @@ class TrainingRun:
             with accelerator.accumulate(self.unet):
                 loss = diffusion_loss(
                     batch, self.components, self.unet, progress.generator,
-                    alphas_cumprod=self.alphas_cumprod, prediction_type=self.prediction_type,
-                    weight_dtype=self.weight_dtype,
+                    alphas_cumprod=self.alphas_cumprod, settings=self.loss_settings,
                 )  # fmt: skip
                 step_loss += loss.detach() / cfg.gradient_accumulation_steps
                 accelerator.backward(loss)
@@ -263,13 +339,15 @@ class TrainingRun:
                     if skipped:
                         self._on_nonfinite(step_loss.item())
                     elif cfg.max_grad_norm > 0:
-                        params = self.unet.parameters()
-                        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+                        norm = accelerator.clip_grad_norm_(self.trained_params, cfg.max_grad_norm)
+                        grad_norm = float(norm)
                 if not skipped:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         if not skipped:
             progress.nonfinite_in_a_row = 0
+            if self.ema is not None and (progress.step + 1) % self.cfg.ema.update_every == 0:
+                self.ema.step(self.accelerator.unwrap_model(self.unet).parameters())
         lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used
         self.lr_scheduler.step()
         return StepResult(step_loss.item(), lr, grad_norm, skipped)
@@ -292,22 +370,36 @@ class TrainingRun:
             )
         logger.warning("non-finite loss (%s) at step %d: update skipped", loss, step)
 
-    def _log_step(self, result: StepResult, step_started: float, started: float) -> None:
+    def _maybe_validation_loss(self) -> float | None:
+        every = self.cfg.validation.loss_every_steps
+        if self.validation_loss is None or self.progress.step % every:
+            return None
+        with self.accelerator.autocast():
+            return self.validation_loss(
+                self.accelerator.unwrap_model(self.unet), self.prediction_type, self.alphas_cumprod
+            )
+
+    def _log_step(
+        self, result: StepResult, val_loss: float | None, step_started: float, started: float
+    ) -> None:
         step, loss, lr = self.progress.step, result.loss, result.lr
-        self.metrics.log(
-            {
-                "step": step,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": result.grad_norm,
-                "epoch": self.progress.samples_seen / len(self.dataset),
-                "skipped": result.skipped,
-                "nonfinite_total": self.progress.nonfinite_total,
-                "step_time_s": round(time.perf_counter() - step_started, 6),
-                "elapsed_s": round(time.perf_counter() - started, 3),
-            }
-        )
-        logger.info("step %d/%d loss %.6f lr %.3e", step, self.cfg.train.max_steps, loss, lr)
+        record = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": result.grad_norm,
+            "epoch": self.progress.samples_seen / len(self.dataset),
+            "skipped": result.skipped,
+            "nonfinite_total": self.progress.nonfinite_total,
+            "step_time_s": round(time.perf_counter() - step_started, 6),
+            "elapsed_s": round(time.perf_counter() - started, 3),
+        }
+        if val_loss is not None:
+            record["val_loss"] = val_loss
+        self.tracker.log(record)
+        line = f"step {step}/{self.cfg.train.max_steps} loss {loss:.6f} lr {lr:.3e}"
+        line += f" val_loss {val_loss:.6f}" if val_loss is not None else ""
+        logger.info(line, extra={"per_step": True})
 
     def _maybe_checkpoint(self, force: bool = False) -> bool:
         every = self.cfg.checkpointing.every_steps
@@ -329,9 +421,79 @@ class TrainingRun:
         if validation.prompts and due and self.accelerator.is_main_process:
             from difftrain.training.outputs import save_validation_grid
 
-            unet = self.accelerator.unwrap_model(self.unet)
-            path = save_validation_grid(self.components, unet, self.cfg, step)
+            unwrap = self.accelerator.unwrap_model
+            unet = unwrap(self.unet)
+            parts = replace(self.components, text_encoder=unwrap(self.components.text_encoder))
+            with self.final_weights(unet):
+                path = save_validation_grid(parts, unet, self.cfg, step)
+            self.last_grid = path
             logger.info("saved validation samples %s", path)
+
+    @contextmanager
+    def final_weights(self, unet) -> Iterator[None]:
+        """Within the block, `unet` holds the weights the run will publish (EMA when used)."""
+        if self.ema is None or not self.cfg.ema.use_for_final:
+            yield
+            return
+        self.ema.store(unet.parameters())
+        self.ema.copy_to(unet.parameters())
+        try:
+            yield
+        finally:
+            self.ema.restore(unet.parameters())
+
+    def write_model_card(self, losses: list[float]) -> None:
+        from difftrain.training.model_card import write_model_card
+
+        cfg = self.cfg
+        base = cfg.model.pretrained
+        if base.startswith("builtin:"):
+            base = self.components.source  # a folder diffusers can load, unlike "builtin:tiny"
+        settings = {
+            "training": "LoRA" if cfg.lora.enabled else "full UNet",
+            "resolution": cfg.data.resolution,
+            "max_steps": cfg.train.max_steps,
+            "batch size x accumulation": (
+                f"{cfg.train.batch_size} x {cfg.train.gradient_accumulation_steps}"
+            ),
+            "learning rate": f"{cfg.train.learning_rate:g} ({cfg.train.lr_scheduler})",
+            "mixed precision": cfg.train.mixed_precision,
+            "prediction type": self.prediction_type,
+            "seed": cfg.train.seed,
+        }
+        if cfg.lora.enabled:
+            settings["LoRA rank / alpha"] = f"{cfg.lora.rank} / {cfg.lora.alpha:g}"
+        if cfg.ema.enabled:
+            settings["EMA decay"] = cfg.ema.decay
+        if cfg.train.snr_gamma is not None:
+            settings["min-SNR gamma"] = cfg.train.snr_gamma
+        write_model_card(
+            self.output_dir,
+            base_model=base,
+            data_dir=cfg.data.train_dir,
+            num_images=len(self.dataset),
+            settings=settings,
+            final_loss=losses[-1] if losses else None,
+            steps=self.progress.step,
+            lora=cfg.lora.enabled,
+            sample_grid=self.last_grid,
+        )
+
+    def save_outputs(self) -> None:
+        """The final pipeline (full fine-tune) or adapter weights (LoRA) in OUTPUT_DIR."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        if self.cfg.lora.enabled:
+            from difftrain.models.lora import save_lora_weights
+
+            text_encoder = self.components.text_encoder if self.train_text_encoder else None
+            if text_encoder is not None:
+                text_encoder = self.accelerator.unwrap_model(text_encoder)
+            save_lora_weights(self.output_dir, unet, text_encoder)
+            return
+        from difftrain.training.outputs import save_final_pipeline
+
+        with self.final_weights(unet):
+            save_final_pipeline(self.components, unet, self.output_dir)
 
     def _stop_for_signal(self, signum: int, checkpointed: bool) -> None:
         if not checkpointed:
@@ -344,6 +506,18 @@ class TrainingRun:
         )
 
 
+@dataclass(frozen=True)
+class LossSettings:
+    """What shapes the loss, from the `train` section (built once per run)."""
+
+    prediction_type: str
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    weight_dtype: torch.dtype = torch.float32
+    train_text_encoder: bool = False
+
+
 def diffusion_loss(
     batch: dict[str, torch.Tensor],
     components: PipelineComponents,
@@ -351,27 +525,38 @@ def diffusion_loss(
     generator: torch.Generator,
     *,
     alphas_cumprod: torch.Tensor,
-    prediction_type: str,
-    weight_dtype: torch.dtype,
+    settings: LossSettings,
 ) -> torch.Tensor:
-    """The noise-prediction loss of one batch (latents and text embeddings made on the fly)."""
+    """The noise-prediction loss of one batch (latents and text embeddings made on the fly).
+
+    Every random draw comes from `generator` (a CPU generator, then moved), in a fixed order:
+    latent sample, noise, offset noise, timesteps, input perturbation. Options that are off
+    draw nothing, so they leave the stream of every other draw as it was.
+    """
     device = alphas_cumprod.device
     vae = components.vae
     with torch.no_grad():
-        pixels = batch["pixel_values"].to(device, dtype=weight_dtype, non_blocking=True)
+        pixels = batch["pixel_values"].to(device, dtype=settings.weight_dtype, non_blocking=True)
         latents = vae.encode(pixels).latent_dist.sample(generator=generator)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         latents = ((latents - shift) * vae.config.scaling_factor).float()
+    with torch.set_grad_enabled(settings.train_text_encoder):
         input_ids = batch["input_ids"].to(device)
         text_embeddings = components.text_encoder(input_ids, return_dict=False)[0]
 
-    # Drawn on the CPU generator, then moved: the same numbers on every device.
     noise = torch.randn(latents.shape, generator=generator).to(device)
+    noise = offset_noise(noise, settings.noise_offset, generator)
     timesteps = sample_timesteps(latents.shape[0], len(alphas_cumprod), generator).to(device)
-    noisy = add_noise(latents, noise, alphas_cumprod, timesteps)
-    target = training_target(prediction_type, latents, noise, alphas_cumprod, timesteps)
+    model_noise = perturbed_noise(noise, settings.input_perturbation, generator)
+    noisy = add_noise(latents, model_noise, alphas_cumprod, timesteps)
+    target = training_target(settings.prediction_type, latents, noise, alphas_cumprod, timesteps)
     prediction = unet(noisy, timesteps, text_embeddings, return_dict=False)[0]
-    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    weights = None
+    if settings.snr_gamma is not None:
+        weights = min_snr_weights(
+            snr(alphas_cumprod, timesteps), settings.snr_gamma, settings.prediction_type
+        )
+    return weighted_mse(prediction, target, weights)
 
 
 @contextmanager
@@ -398,6 +583,14 @@ def _stop_signals() -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
+def _to(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    # Cast only when needed: diffusers warns about any dtype cast of its models.
+    if model.dtype == dtype:
+        model.to(device)
+    else:
+        model.to(device, dtype=dtype)
+
+
 def _report_skipped_images(skipped: list[tuple[Path, str]], output_dir: Path) -> None:
     if not skipped:
         return
@@ -422,7 +615,9 @@ def _release(accelerator) -> None:
         GradientState._reset_state()
 
 
-def _attach_log_handlers(path: Path, main_process: bool) -> list[logging.Handler]:
+def _attach_log_handlers(
+    path: Path, main_process: bool, *, console_steps: bool = True
+) -> list[logging.Handler]:
     """Send the `difftrain` logger to stderr and (main process only) to `path`, for one run.
 
     Attached per run and removed after it, so each run writes to the stderr and log file of
@@ -432,6 +627,8 @@ def _attach_log_handlers(path: Path, main_process: bool) -> list[logging.Handler
     root.setLevel(logging.INFO)
     console = logging.StreamHandler()
     console.setFormatter(logging.Formatter("%(message)s"))
+    if not console_steps:
+        console.addFilter(lambda record: not getattr(record, "per_step", False))
     handlers: list[logging.Handler] = [console]
     if main_process:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,133 @@
+"""`OUTPUT_DIR/README.md`: a Hugging Face style model card describing what a run made.
+
+Written at the end of training by the main process, from plain values (no torch), so it can
+be tested and regenerated without a model:
+
+    write_model_card(out, base_model=..., data_dir=..., num_images=..., settings={...},
+                     final_loss=..., steps=..., lora=False, sample_grid=out / "samples/step-N.png")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+from difftrain.io import atomic_write_text
+
+BASE_TAGS = ["text-to-image", "diffusers", "stable-diffusion", "difftrain"]
+
+# `org/name` or `name`: the only `base_model` values the Hub accepts in card metadata.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def write_model_card(
+    output_dir: Path,
+    *,
+    base_model: str,
+    data_dir: str,
+    num_images: int,
+    settings: dict[str, object],
+    final_loss: float | None,
+    steps: int,
+    lora: bool,
+    sample_grid: Path | None,
+) -> Path:
+    """Write `output_dir/README.md` (atomically) and return its path."""
+    output_dir = Path(output_dir)
+    sections = [
+        _front_matter(base_model, lora),
+        _title(output_dir, base_model, lora),
+        _training_section(base_model, data_dir, num_images, steps, final_loss),
+        _settings_table(settings),
+        _samples_section(output_dir, sample_grid),
+        _load_section(output_dir, base_model, lora),
+    ]
+    path = output_dir / "README.md"
+    atomic_write_text(path, "\n".join(section for section in sections if section))
+    return path
+
+
+def _front_matter(base_model: str, lora: bool) -> str:
+    metadata: dict[str, object] = {"library_name": "diffusers"}
+    # The Hub rejects a card whose base_model is not a model id; a local folder or
+    # builtin:tiny is still named in the card's text.
+    if _is_hub_id(base_model):
+        metadata["base_model"] = base_model
+    metadata["tags"] = BASE_TAGS + (["lora"] if lora else [])
+    return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n"
+
+
+def _is_hub_id(name: str) -> bool:
+    return _HUB_ID.fullmatch(name) is not None and not Path(name).expanduser().is_dir()
+
+
+def _title(output_dir: Path, base_model: str, lora: bool) -> str:
+    kind = "LoRA adapters for" if lora else "A fine-tune of"
+    return f"# {output_dir.name}\n\n{kind} `{base_model}`, trained with difftrain.\n"
+
+
+def _training_section(
+    base_model: str, data_dir: str, num_images: int, steps: int, final_loss: float | None
+) -> str:
+    images = f"{num_images} image" + ("" if num_images == 1 else "s")
+    loss = "n/a (no step ran)" if final_loss is None else f"{final_loss:.6g}"
+    return (
+        "## Training\n\n"
+        f"- Base model: `{base_model}`\n"
+        f"- Data: `{data_dir}` ({images})\n"
+        f"- Steps trained: {steps}\n"
+        f"- Final loss: {loss}\n"
+    )
+
+
+def _settings_table(settings: dict[str, object]) -> str:
+    if not settings:
+        return ""
+    rows = [f"| {_cell(key)} | {_cell(_format_value(value))} |" for key, value in settings.items()]
+    return "## Settings\n\n| Setting | Value |\n| --- | --- |\n" + "\n".join(rows) + "\n"
+
+
+def _format_value(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_format_value(item) for item in value)
+    return str(value)
+
+
+def _cell(text: str) -> str:
+    # A `|` would end the cell and a newline the row: escape the one, flatten the other.
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _samples_section(output_dir: Path, sample_grid: Path | None) -> str:
+    if sample_grid is None:
+        return ""
+    # Relative, so the image still shows after the folder is moved or pushed to the Hub.
+    link = Path(os.path.relpath(sample_grid, output_dir)).as_posix()
+    return f"## Samples\n\n![validation samples]({link})\n"
+
+
+def _load_section(output_dir: Path, base_model: str, lora: bool) -> str:
+    # json.dumps quotes a path as a valid Python string literal (backslashes included).
+    out = json.dumps(str(output_dir.resolve()))
+    if lora:
+        lines = [
+            f"pipe = StableDiffusionPipeline.from_pretrained({json.dumps(base_model)})",
+            f"pipe.load_lora_weights({out})",
+        ]
+    else:
+        lines = [f"pipe = StableDiffusionPipeline.from_pretrained({out})"]
+    code = "\n".join(
+        [
+            "from diffusers import StableDiffusionPipeline",
+            "",
+            *lines,
+            'image = pipe("a photo").images[0]',
+        ]
+    )
+    return f"## How to load\n\n```python\n{code}\n```\n"
