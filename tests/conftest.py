@@ -28,6 +28,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-integration", action="store_true", help="run tests marked integration")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist, each worker's torch would start one thread per core: N workers on N
+    # cores then fight over them and steps run 10x slower. Share the cores out instead (also
+    # for the subprocesses tests start, through OMP_NUM_THREADS).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     import torch
 

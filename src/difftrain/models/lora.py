@@ -33,10 +33,22 @@ def add_lora_adapters(unet, text_encoder, cfg: LoraConfig) -> None:
     trained = [unet]
     if cfg.train_text_encoder:
         text_encoder.requires_grad_(False)
-        text_encoder.add_adapter(adapter(TEXT_ENCODER_TARGETS))
+        _add_text_encoder_adapter(text_encoder, adapter(TEXT_ENCODER_TARGETS))
         trained.append(text_encoder)
     # Adapters train in fp32 even when the frozen base runs in half precision.
     cast_training_params(trained, dtype=torch.float32)
+
+
+def _add_text_encoder_adapter(text_encoder, config) -> None:
+    """What transformers' `add_adapter` does, with peft directly.
+
+    transformers 5 refuses `add_adapter` below peft 0.22, a release that may not exist yet;
+    peft's own `inject_adapter_in_model` does the same work with any peft we support.
+    """
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, text_encoder, adapter_name="default")
+    text_encoder.peft_config = {"default": config}
 
 
 def save_lora_weights(folder: Path, unet, text_encoder=None) -> Path:
