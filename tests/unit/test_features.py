@@ -105,34 +105,6 @@ def test_lora_with_the_text_encoder(tmp_path: Path, dummy_data_dir: Path, tiny_m
     )
 
 
-def test_lora_resume_is_bit_exact(tmp_path: Path, dummy_data_dir: Path, tiny_model_dir) -> None:
-    lora = {"enabled": True, "train_text_encoder": True}
-    straight = train(config(tmp_path / "a", dummy_data_dir, train={"max_steps": 4}, lora=lora))
-    train(
-        config(
-            tmp_path / "b",
-            dummy_data_dir,
-            train={"max_steps": 2},
-            lora=lora,
-            checkpointing={"every_steps": 2},
-        )
-    )
-    resumed = train(
-        config(
-            tmp_path / "b",
-            dummy_data_dir,
-            train={"max_steps": 4, "resume_from_checkpoint": "latest"},
-            lora=lora,
-        ),
-    )
-    assert resumed.losses == straight.losses[2:]
-    a, b = (
-        load_file(straight.output_dir / LORA_WEIGHTS),
-        load_file(resumed.output_dir / LORA_WEIGHTS),
-    )
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 # --- EMA ----------------------------------------------------------------------------------
 
 
@@ -174,39 +146,41 @@ def test_ema_can_leave_the_raw_weights_as_final(
     assert all(torch.equal(raw[k], final[k]) for k in raw)
 
 
-def test_ema_resume_is_bit_exact(tmp_path: Path, dummy_data_dir: Path, tiny_model_dir) -> None:
-    ema = {"enabled": True, "decay": 0.99}
-    straight = train(config(tmp_path / "a", dummy_data_dir, train={"max_steps": 4}, ema=ema))
-    train(
-        config(
-            tmp_path / "b",
-            dummy_data_dir,
-            train={"max_steps": 2},
-            ema=ema,
-            checkpointing={"every_steps": 2},
-        )
-    )
-    resumed = train(
-        config(
-            tmp_path / "b",
-            dummy_data_dir,
-            train={"max_steps": 4, "resume_from_checkpoint": "latest"},
-            ema=ema,
-        )
-    )
-    assert resumed.losses == straight.losses[2:]
-    a, b = (
-        load_file(straight.output_dir / UNET_WEIGHTS),
-        load_file(resumed.output_dir / UNET_WEIGHTS),
-    )
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_ema_with_lora_is_refused() -> None:
     with pytest.raises(ConfigError, match="ema.enabled: works with full fine-tuning only"):
         config_from_dict(
             {"data": {"train_dir": "x"}, "ema": {"enabled": True}, "lora": {"enabled": True}}
         )
+
+
+# --- resume with adapters or EMA ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sections", "weights"),
+    [
+        ({"lora": {"enabled": True, "train_text_encoder": True}}, LORA_WEIGHTS),
+        ({"ema": {"enabled": True, "decay": 0.99}}, UNET_WEIGHTS),
+    ],
+    ids=["lora", "ema"],
+)
+def test_resume_is_bit_exact_with(
+    tmp_path: Path, dummy_data_dir: Path, tiny_model_dir, sections, weights
+) -> None:
+    straight = train(config(tmp_path / "a", dummy_data_dir, train={"max_steps": 4}, **sections))
+    first_half = config(
+        tmp_path / "b",
+        dummy_data_dir,
+        train={"max_steps": 2},
+        checkpointing={"every_steps": 2},
+        **sections,
+    )
+    train(first_half)
+    resume = {"max_steps": 4, "resume_from_checkpoint": "latest"}
+    resumed = train(config(tmp_path / "b", dummy_data_dir, train=resume, **sections))
+    assert resumed.losses == straight.losses[2:]
+    a, b = load_file(straight.output_dir / weights), load_file(resumed.output_dir / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # --- precision, memory, loss options --------------------------------------------------------
