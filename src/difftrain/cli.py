@@ -68,7 +68,12 @@ def cmd_make_dummy_data(args: argparse.Namespace) -> int:
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from difftrain.models.tiny import save_tiny_pipeline
 
-    path = save_tiny_pipeline(Path(args.output_dir), args.size, args.seed)
+    output_dir = Path(args.output_dir).resolve()
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise UserError(
+            f"--output-dir {args.output_dir} is not empty; choose a new or empty folder"
+        )
+    path = save_tiny_pipeline(output_dir, args.size, args.seed)
     print(f"wrote a random-weight {args.size} Stable Diffusion pipeline to {path}")
     return 0
 

@@ -49,17 +49,28 @@ def atomic_directory(final: Path, *, keep_existing: bool = False) -> Iterator[Pa
         yield tmp
         if final.exists() and keep_existing:
             shutil.rmtree(tmp, ignore_errors=True)
-        elif final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, final)
+            replace_path(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_path(source: Path, target: Path) -> None:
+    """Move `source` (a file or folder) to `target`, replacing what is there.
+
+    A folder cannot be renamed over a non-empty one, so the old one is first renamed aside
+    (`.NAME.old`): at every moment either the old or the new `target` exists, or (killed
+    between the two renames) the old one sits complete under `.NAME.old`.
+    """
+    if not target.is_dir():
+        os.replace(source, target)
+        return
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(source, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:

@@ -10,10 +10,9 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from difftrain.config import load_config, resolve_run_config
-from difftrain.config.loader import config_to_dict
+from difftrain.config import resolve_run_config
 from difftrain.data.dummy import make_dummy_imagefolder
-from difftrain.training.run_dir import differing_keys
+from difftrain.training.run_dir import run_differences
 
 QUICKSTART_PROMPT = "a red circle on a blue background"
 
@@ -35,7 +34,7 @@ def run_quickstart(output_dir: Path, max_steps: int = 30) -> Path:
     )
     make_dummy_imagefolder(data_dir, num_images=16, image_size=cfg.data.resolution)
     # Re-running the quick start replaces its own earlier run, and nothing else.
-    result = train(cfg, overwrite=_holds_same_config(output_dir / "run", cfg))
+    result = train(cfg, overwrite=run_differences(output_dir / "run", cfg) == [])
 
     pipeline = load_pipeline(result.output_dir)
     (image,) = generate(
@@ -52,14 +51,3 @@ def run_quickstart(output_dir: Path, max_steps: int = 30) -> Path:
         f"  load it with:     StableDiffusionPipeline.from_pretrained({str(result.output_dir)!r})"
     )
     return output_dir
-
-
-def _holds_same_config(run_dir: Path, cfg) -> bool:
-    existing = run_dir / "config.yaml"
-    if not existing.is_file():
-        return False
-    try:
-        old = config_to_dict(load_config(existing))
-    except Exception:  # an unreadable old config is not ours to replace
-        return False
-    return not differing_keys(old, config_to_dict(cfg))

@@ -148,6 +148,32 @@ def bad_inputs(tmp_path: Path, dummy_data_dir: Path) -> dict[str, tuple[list[str
             ],
             "is not a complete checkpoint",
         ),
+        "tiny model into a full folder": (
+            ["make-tiny-model", "--output-dir", str(dummy_data_dir)],
+            "is not empty; choose a new or empty folder",
+        ),
+        "unknown lora target": (
+            [
+                "train",
+                "--config",
+                config("lt", data + "lora: {enabled: true, target_modules: [to_qq]}\n"),
+                *out,
+            ],
+            "lora.target_modules: ['to_qq'] do not name UNet modules",
+        ),
+        "validation timestep out of range": (
+            [
+                "train",
+                "--config",
+                config(
+                    "vt",
+                    data
+                    + f"validation: {{loss_every_steps: 1, loss_dir: {dummy_data_dir}, loss_timesteps: [1000]}}\n",
+                ),
+                *out,
+            ],
+            "validation.loss_timesteps: [1000] must be below 1000",
+        ),
         "missing model": (
             ["train", "--config", config("m", data + "model: {pretrained: ./no/model}\n"), *out],
             "model.pretrained: folder ./no/model does not exist",
@@ -176,10 +202,18 @@ CASES = [
     "truncated image",
     "output dir holds a different run",
     "resume from a non-checkpoint",
+    "tiny model into a full folder",
+    "unknown lora target",
+    "validation timestep out of range",
     "missing model",
     "bad --set",
     "dummy data into a full folder",
 ]
+
+
+# These need the model to check (its module names, its scheduler), so the run has already
+# written config.yaml and env.json into its new folder; nothing that was there is touched.
+FOUND_ONCE_THE_MODEL_IS_LOADED = {"unknown lora target", "validation timestep out of range"}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -194,7 +228,8 @@ def test_bad_input_is_one_line_and_exit_2(
     assert lines[0].startswith("difftrain: error: ")
     assert expected in lines[0]
     assert "Traceback" not in err
-    assert not (tmp_path / "out" / "config.yaml").exists()  # nothing written for bad input
+    if case not in FOUND_ONCE_THE_MODEL_IS_LOADED:
+        assert not (tmp_path / "out" / "config.yaml").exists()  # nothing written for bad input
     assert (tmp_path / "other_run" / "config.yaml").read_text() == "train: {seed: 12345}\n"
 
 

@@ -100,6 +100,16 @@ def test_float_written_without_dot_in_yaml_file_is_a_number(tmp_path: Path) -> N
         ({"data": 5}, "data: must be a mapping of keys"),
         ({"validation": {"prompts": "a cat"}}, "validation.prompts: must be a list"),
         ({"checkpointing": {"total_limit": 0}}, "checkpointing.total_limit: must be > 0"),
+        ({"train": {"seed": 2**40}}, "train.seed: must be in [0, 2**32)"),
+        ({"validation": {"seed": -1}}, "validation.seed: must be in [0, 2**32)"),
+        (
+            {"validation": {"loss_timesteps": []}},
+            "validation.loss_timesteps: must be a non-empty list",
+        ),
+        (
+            {"lora": {"train_text_encoder": True}},
+            "lora.train_text_encoder: needs lora.enabled: true",
+        ),
     ],
 )
 def test_bad_values_name_the_dotted_key(raw: dict, expected: str) -> None:

@@ -171,6 +171,73 @@ def test_resume_with_a_changed_config_is_refused_unless_allowed(
         allow_config_change=("train.learning_rate", "train.seed"),
     )
     assert result.resumed_from == out / "checkpoint-4" and result.steps == 4
+    # The allowed change takes effect: cosine after 2 warmup steps of 8 is at 0.75 of the
+    # (new) peak for step 5.
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows[4]["step"] == 5 and rows[4]["lr"] == pytest.approx(5e-4 * 0.75)
+
+
+def test_resume_from_an_older_checkpoint_drops_the_abandoned_branch(
+    tmp_path: Path, dummy_data_dir: Path, tiny_model_dir
+) -> None:
+    out = tmp_path / "out"
+    train(config(out, dummy_data_dir, train={"max_steps": 6}, checkpointing={"every_steps": 2}))
+    spec = str(out / "checkpoint-2")
+    interrupt = {"max_steps": 6, "resume_from_checkpoint": spec}
+    train(config(out, dummy_data_dir, train=interrupt, checkpointing={"every_steps": 0}))
+    # checkpoint-4 and -6 came after the one resumed from: `latest` must not find them.
+    assert [step for step, _ in list_checkpoints(out)] == [2]
+    assert [row["step"] for row in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_checkpoint_from_another_folder_does_not_touch_this_one(
+    tmp_path: Path, dummy_data_dir: Path, tiny_model_dir
+) -> None:
+    source, other = tmp_path / "source", tmp_path / "other"
+    train(config(source, dummy_data_dir, train={"max_steps": 4}))
+    train(config(other, dummy_data_dir, train={"max_steps": 4, "seed": 7}))
+    before = (other / "metrics.jsonl").read_text()
+    resume = {"max_steps": 8, "resume_from_checkpoint": str(source / "checkpoint-4")}
+    with pytest.raises(UserError, match="holds a different run"):
+        train(config(other, dummy_data_dir, train=resume))
+    assert (other / "metrics.jsonl").read_text() == before
+    # Into a new folder it continues the source run there.
+    result = train(config(tmp_path / "new", dummy_data_dir, train=resume))
+    assert result.steps == 4
+    assert [row["step"] for row in read_metrics(tmp_path / "new" / "metrics.jsonl")] == [5, 6, 7, 8]
+    assert [step for step, _ in list_checkpoints(source)] == [4]
+
+
+def test_latest_skips_a_checkpoint_whose_files_do_not_match_their_hashes(
+    tmp_path: Path, dummy_data_dir: Path, tiny_model_dir
+) -> None:
+    out = tmp_path / "out"
+    train(config(out, dummy_data_dir, train={"max_steps": 4}, checkpointing={"every_steps": 2}))
+    weights_file = out / "checkpoint-4" / UNET_WEIGHTS
+    data = bytearray(weights_file.read_bytes())
+    data[-1] ^= 0xFF  # same size, different content: a torn write the size cannot show
+    weights_file.write_bytes(bytes(data))
+    result = train(config(out, dummy_data_dir, train={"resume_from_checkpoint": "latest"}))
+    assert result.resumed_from == out / "checkpoint-2"
+
+
+def test_a_signal_during_the_last_step_just_finishes(
+    tmp_path: Path, dummy_data_dir: Path, tiny_model_dir, monkeypatch
+) -> None:
+    interrupt_after(monkeypatch, 2)
+    result = train(config(tmp_path / "out", dummy_data_dir, train={"max_steps": 2}))
+    assert result.steps == 2 and (result.output_dir / UNET_WEIGHTS).is_file()
+
+
+def test_each_process_and_position_draws_its_own_numbers() -> None:
+    def draw(seed, position, rank):
+        return torch.randn(4, generator=trainer_module.batch_generator(seed, position, rank))
+
+    assert torch.equal(draw(0, 8, 0), draw(0, 8, 0))
+    assert not torch.equal(draw(0, 8, 0), draw(0, 8, 1))
+    assert not torch.equal(draw(0, 8, 0), draw(0, 12, 0))
+    assert not torch.equal(draw(0, 8, 0), draw(1, 8, 0))
+    draw(2**32 - 1, 10**12, 7)  # the largest seed and a long run stay in range
 
 
 def test_resuming_from_a_folder_that_is_not_a_checkpoint(
@@ -189,8 +256,19 @@ def test_resuming_from_a_folder_that_is_not_a_checkpoint(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("error", "shown"),
+    [
+        (OSError(28, "No space left on device"), "No space left on device"),
+        (
+            RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed"),
+            "PytorchStreamWriter failed",
+        ),
+    ],
+    ids=["oserror", "torch-save"],
+)
 def test_failed_checkpoint_write_keeps_the_previous_one(
-    tmp_path: Path, dummy_data_dir: Path, tiny_model_dir, monkeypatch
+    tmp_path: Path, dummy_data_dir: Path, tiny_model_dir, monkeypatch, error, shown
 ) -> None:
     from accelerate import Accelerator
 
@@ -202,14 +280,14 @@ def test_failed_checkpoint_write_keeps_the_previous_one(
         if len(calls) == 2:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             Path(output_dir, "half-written").write_text("x")
-            raise OSError(28, "No space left on device")
+            raise error
         return real_save(self, output_dir, **kwargs)
 
     monkeypatch.setattr(Accelerator, "save_state", failing_save)
     out = tmp_path / "out"
     with pytest.raises(
         TrainingStopped,
-        match=r"could not write checkpoint .*checkpoint-4 \(No space left on device\); earlier checkpoints are intact",
+        match=rf"could not write checkpoint .*checkpoint-4 \(.*{shown}.*\); earlier checkpoints are intact",
     ):
         train(config(out, dummy_data_dir, train={"max_steps": 6}, checkpointing={"every_steps": 2}))
     assert [step for step, _ in list_checkpoints(out)] == [2]

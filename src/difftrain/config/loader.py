@@ -269,6 +269,10 @@ def resolve_run_config(
         model=dataclasses.replace(cfg.model, pretrained=pretrained),
         data=dataclasses.replace(cfg.data, train_dir=_absolute(cfg.data.train_dir)),
         train=dataclasses.replace(cfg.train, output_dir=_absolute(cfg.train.output_dir)),
+        validation=dataclasses.replace(
+            cfg.validation,
+            loss_dir=_absolute(cfg.validation.loss_dir) if cfg.validation.loss_dir else None,
+        ),
     )
 
 

@@ -1,7 +1,8 @@
 """The config schema: one small keyword-only dataclass per section.
 
 Each field carries its default and, where a value can be impossible, a check. The docstring
-under each field is the documentation users read (see README "Config keys"). Unknown keys,
+under each field is the documentation users read (the README's "Config" table sums it
+up). Unknown keys,
 wrong types and impossible values are rejected by `difftrain.config.loader`, which names the
 dotted key.
 """
@@ -31,6 +32,16 @@ def _multiple_of_8(value: Any) -> str | None:
 
 def _probability(value: Any) -> str | None:
     return None if 0.0 <= value < 1.0 else f"must be in [0, 1), got {value}"
+
+
+def _seed(value: Any) -> str | None:
+    return None if 0 <= value < 2**32 else f"must be in [0, 2**32), got {value}"
+
+
+def _timesteps(value: Any) -> str | None:
+    if not value or min(value) < 0:
+        return f"must be a non-empty list of timesteps >= 0, got {value}"
+    return None
 
 
 def _required(value: Any) -> str | None:
@@ -91,7 +102,7 @@ class TrainConfig:
     output_dir: str = "outputs/run"
     """Where the run writes everything; `--output-dir` overrides it."""
 
-    seed: int = 0
+    seed: int = _checked(0, _seed)
     """Seeds model noise, timesteps, data order and augmentation."""
 
     max_steps: int = _checked(100, _positive)
@@ -181,8 +192,9 @@ class ValidationConfig:
     every_steps: int = _checked(0, _non_negative)
     """Render the prompts every N optimizer steps (and at the end); 0 renders at the end only."""
 
-    seed: int = 0
-    """Seed of the sampling noise, so grids are comparable across steps and runs."""
+    seed: int = _checked(0, _seed)
+    """Seed of the sampling noise (and of the validation-loss noise), so results are
+    comparable across steps and runs."""
 
     num_inference_steps: int = _checked(20, _positive)
     guidance_scale: float = _checked(7.5, _non_negative)
@@ -194,7 +206,9 @@ class ValidationConfig:
     loss_dir: str | None = None
     """Held-out image folder (same layouts as data.train_dir) for the validation loss."""
 
-    loss_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    loss_timesteps: list[int] = field(
+        default_factory=lambda: [100, 300, 500, 700, 900], metadata={"check": _timesteps}
+    )
     """Timesteps at which every held-out image is scored."""
 
 

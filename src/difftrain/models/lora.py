@@ -4,11 +4,15 @@ format so `pipe.load_lora_weights(folder)` reads them as they are.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from difftrain.config.schema import LoraConfig
+from difftrain.errors import UserError
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -29,7 +33,13 @@ def add_lora_adapters(unet, text_encoder, cfg: LoraConfig) -> None:
         )
 
     unet.requires_grad_(False)
-    unet.add_adapter(adapter(cfg.target_modules))
+    try:
+        unet.add_adapter(adapter(cfg.target_modules))
+    except ValueError as exc:  # peft: none of the target modules exist in the model
+        raise UserError(
+            f"lora.target_modules: {cfg.target_modules} do not name UNet modules ({exc}); "
+            "use names such as to_q, to_k, to_v, to_out.0"
+        ) from None
     trained = [unet]
     if cfg.train_text_encoder:
         text_encoder.requires_grad_(False)
@@ -52,7 +62,21 @@ def _add_text_encoder_adapter(text_encoder, config) -> None:
 
 
 def save_lora_weights(folder: Path, unet, text_encoder=None) -> Path:
-    """Write `pytorch_lora_weights.safetensors` (with each adapter's rank and alpha)."""
+    """Write `pytorch_lora_weights.safetensors` (with each adapter's rank and alpha).
+
+    Written beside its final name and renamed in, so a kill never leaves a torn file.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".lora.", dir=folder))
+    try:
+        _write_lora(staging, unet, text_encoder)
+        os.replace(staging / LORA_WEIGHTS, folder / LORA_WEIGHTS)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder / LORA_WEIGHTS
+
+
+def _write_lora(folder: Path, unet, text_encoder) -> None:
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -70,7 +94,6 @@ def save_lora_weights(folder: Path, unet, text_encoder=None) -> Path:
         ),
         safe_serialization=True,
     )
-    return folder / LORA_WEIGHTS
 
 
 def load_lora_weights_into(folder: Path, unet, text_encoder=None) -> None:
@@ -85,7 +108,3 @@ def load_lora_weights_into(folder: Path, unet, text_encoder=None) -> None:
     set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), "default")
     if text_encoder is not None:
         _set_state_dict_into_text_encoder(state, prefix="text_encoder.", text_encoder=text_encoder)
-
-
-def is_lora_model(model) -> bool:
-    return bool(getattr(model, "peft_config", None))

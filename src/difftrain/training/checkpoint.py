@@ -2,14 +2,15 @@
 
 A checkpoint is written under `.checkpoint-N.partial`, gets `manifest.json` (every file with
 its size and sha256) last, and only then is renamed to `checkpoint-N`. A folder without a
-manifest that matches its files is never taken for a checkpoint, so a run killed mid-write
-leaves at worst a `.partial` folder that the next save removes.
+manifest that matches its files is never taken for a checkpoint (resuming checks the hashes
+too), so a run killed mid-write leaves at worst a `.partial` folder, removed when the run
+starts again.
 
-The state itself is saved by `accelerator.save_state`, so the same code serves one process,
-DDP, FSDP and DeepSpeed: every process writes its own RNG state, only the main process writes
-the rest, the manifest and the rename. The models are saved in diffusers formats by a save
-hook (`register_model_hooks`), so a checkpoint's UNet or LoRA loads into the base pipeline on
-its own.
+The state itself is saved by `accelerator.save_state`: every process writes its own RNG state,
+only the main process writes the rest, the manifest and the rename (one process and DDP;
+FSDP / DeepSpeed need sharded model saving in the hooks, not written yet). The models are
+saved in diffusers formats by a save hook (`register_model_hooks`), so a checkpoint's UNet or
+LoRA loads into the base pipeline on its own.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from difftrain.errors import TrainingStopped
-from difftrain.io import atomic_write_json, sha256_file
+from difftrain.io import atomic_write_json, replace_path, sha256_file
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
@@ -110,22 +111,31 @@ def save_checkpoint(
         if accelerator.is_main_process:
             write_extra(partial)
             write_manifest(partial, step)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(partial, final)
+            replace_path(partial, final)
             # Prune only once the new checkpoint is complete: a failed write must leave the
             # previous checkpoint in place, even with total_limit: 1.
             if total_limit is not None:
                 prune_checkpoints(output_dir, keep=total_limit)
         accelerator.wait_for_everyone()
-    except OSError as exc:
+    except (OSError, RuntimeError, *_serialization_errors()) as exc:
+        # A full disk shows as OSError from Python, RuntimeError from torch.save
+        # ("PytorchStreamWriter failed") or SafetensorError from safetensors.
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
         raise TrainingStopped(
-            f"could not write checkpoint {final} ({exc.strerror or exc}); earlier checkpoints "
+            f"could not write checkpoint {final} ({reason}); earlier checkpoints "
             "are intact; free space or fix permissions, then resume"
         ) from None
     return final
+
+
+def _serialization_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # older safetensors
+        return ()
+    return (SafetensorError,)
 
 
 def register_model_hooks(accelerator, *, unet, text_encoder=None, lora: bool = False, ema=None):

@@ -1,7 +1,7 @@
 """Per-step metrics: `metrics.jsonl`, one JSON object per optimizer step.
 
-Processes other than the main one get `NullMetrics`, with the same methods, so the training
-loop never branches on "do I write?".
+`training.tracking` writes through `MetricsLog` on the main process; the other processes get a
+`NullTracker`, so the training loop never branches on "do I write?".
 """
 
 from __future__ import annotations
@@ -23,14 +23,6 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
-
-
-class NullMetrics:
-    def log(self, record: dict[str, object]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _finite_or_string(record: dict[str, object]) -> dict[str, object]:

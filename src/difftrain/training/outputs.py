@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 
 from difftrain.config import Config
+from difftrain.io import replace_path
 from difftrain.models.loading import PipelineComponents
 from difftrain.sampling import generate, image_grid
+from difftrain.training.modes import eval_mode
 
 
 def save_final_pipeline(
@@ -37,20 +39,9 @@ def save_final_pipeline(
     try:
         pipeline.save_pretrained(str(staging), safe_serialization=True)
         for item in sorted(staging.iterdir()):
-            _replace(item, output_dir / item.name)
+            replace_path(item, output_dir / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _replace(source: Path, target: Path) -> None:
-    if target.is_dir():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(source, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(source, target)
 
 
 def inference_pipeline(components: PipelineComponents, unet: torch.nn.Module):
@@ -84,21 +75,16 @@ def save_validation_grid(
         if compute_dtype != torch.float32
         else contextlib.nullcontext()
     )
-    was_training = unet.training
-    unet.eval()
-    try:
-        with torch.no_grad(), autocast:
-            images = generate(
-                pipeline,
-                validation.prompts,
-                seed=validation.seed,
-                num_inference_steps=validation.num_inference_steps,
-                guidance_scale=validation.guidance_scale,
-                height=cfg.data.resolution,
-                width=cfg.data.resolution,
-            )
-    finally:
-        unet.train(was_training)
+    with eval_mode(unet, components.text_encoder), torch.no_grad(), autocast:
+        images = generate(
+            pipeline,
+            validation.prompts,
+            seed=validation.seed,
+            num_inference_steps=validation.num_inference_steps,
+            guidance_scale=validation.guidance_scale,
+            height=cfg.data.resolution,
+            width=cfg.data.resolution,
+        )
     path = Path(cfg.train.output_dir) / "samples" / f"step-{step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

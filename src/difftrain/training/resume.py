@@ -8,6 +8,7 @@ those keys explicitly. Settings that only shape the outputs may change freely.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import yaml
@@ -38,20 +39,35 @@ def find_resume_checkpoint(spec: str | None, output_dir: Path) -> Path | None:
     if spec is None:
         return None
     if spec == LATEST:
-        found = list_checkpoints(output_dir)
-        if not found:
-            logger.info("no complete checkpoint in %s: starting fresh", output_dir)
-            return None
-        return found[-1][1]
+        # Newest first; the sha256 of every file is checked once, here, before trusting it.
+        for _, path in reversed(list_checkpoints(output_dir)):
+            if is_complete(path, verify_hashes=True):
+                return path.resolve()
+            logger.warning("%s does not match its manifest: skipped", path)
+        logger.info("no complete checkpoint in %s: starting fresh", output_dir)
+        return None
     path = Path(spec).expanduser()
     if not path.exists() and (output_dir / spec).exists():
         path = output_dir / spec  # `checkpoint-4` relative to the run's own folder
-    if not (CHECKPOINT_PATTERN.match(path.name) and path.is_dir() and is_complete(path)):
+    complete = path.is_dir() and is_complete(path, verify_hashes=True)
+    if not (CHECKPOINT_PATTERN.match(path.name) and complete):
         raise UserError(
             f"train.resume_from_checkpoint: {spec} is not a complete checkpoint (a checkpoint-N "
             "folder with a valid manifest.json); pass one of those, or `latest`"
         )
     return path.resolve()
+
+
+def drop_checkpoints_after(output_dir: Path, step: int) -> list[Path]:
+    """Remove `checkpoint-N` folders with N > `step`; returns what went."""
+    doomed = [
+        path
+        for path in output_dir.glob("checkpoint-*")
+        if (match := CHECKPOINT_PATTERN.match(path.name)) and int(match.group(1)) > step
+    ]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
 
 
 def checkpoint_step(path: Path) -> int:

@@ -40,20 +40,32 @@ def prepare_output_dir(
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
+def run_differences(output_dir: Path, cfg: Config) -> list[str] | None:
+    """Keys in which the run recorded in `output_dir/config.yaml` differs from `cfg`.
+
+    None when the folder records no run. Whether a run was started with
+    --resume-from-checkpoint does not make it another run.
+    """
+    existing_config = output_dir / "config.yaml"
+    if not existing_config.is_file():
+        return None
+    try:
+        old = yaml.safe_load(existing_config.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        old = {}
+    if not isinstance(old, dict):
+        old = {}
+    return [
+        key
+        for key in differing_keys(old, config_to_dict(cfg))
+        if key != "train.resume_from_checkpoint"
+    ]
+
+
 def _refuse_other_runs(output_dir: Path, cfg: Config, *, training: bool) -> None:
     how = "pass --overwrite to replace it, or choose another --output-dir"
-    existing_config = output_dir / "config.yaml"
-    if existing_config.is_file():
-        try:
-            old = yaml.safe_load(existing_config.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError:
-            old = {}
-        # Whether a run was started with --resume-from-checkpoint does not make it another run.
-        changed = [
-            key
-            for key in differing_keys(old, config_to_dict(cfg))
-            if key != "train.resume_from_checkpoint"
-        ]
+    changed = run_differences(output_dir, cfg)
+    if changed is not None:
         if changed:
             raise UserError(
                 f"--output-dir {output_dir} holds a different run (differs in "

@@ -1,10 +1,11 @@
 """The training loop: build every component from its slice of the config, train, save.
 
 Run it with `difftrain train --config CONFIG.yaml` (or `scripts/train_text_to_image.py`).
-Randomness that shapes a step (latent sampling, noise, timesteps) comes from one CPU
-generator owned by the run and saved in every checkpoint; data order and augmentation come
-from the sampler's (seed, position). So a run is reproducible on any device, and a resumed
-run continues the exact stream: it is bit-identical to the run that was never interrupted.
+Every random number is keyed by where it sits in the run: data order and augmentation by the
+sampler's (seed, position), and a micro-batch's latent sample, noise and timesteps by a CPU
+generator seeded from (seed, position, process). Nothing random lives in global state, so a
+run is reproducible on any device, every process draws its own numbers, and a resumed run
+continues the exact stream: it is bit-identical to the run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from difftrain.training.optim import build_lr_scheduler, build_optimizer
 from difftrain.training.resume import (
     check_resume_config,
     checkpoint_step,
+    drop_checkpoints_after,
     find_resume_checkpoint,
 )
 from difftrain.training.run_dir import prepare_output_dir, write_run_description
@@ -52,7 +54,6 @@ class TrainingProgress:
     """Position in the sample stream (all processes together)."""
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
-    generator: torch.Generator = field(default_factory=torch.Generator)
 
     def state_dict(self) -> dict[str, object]:
         return {
@@ -60,7 +61,6 @@ class TrainingProgress:
             "samples_seen": self.samples_seen,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "nonfinite_total": self.nonfinite_total,
-            "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
@@ -68,7 +68,11 @@ class TrainingProgress:
         self.samples_seen = int(state["samples_seen"])
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
-        self.generator.set_state(state["generator"])
+
+
+def batch_generator(seed: int, position: int, rank: int) -> torch.Generator:
+    """The random source of the micro-batch at stream `position` on process `rank`."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + position) * 1_009 + rank) % 2**63)
 
 
 @dataclass
@@ -103,6 +107,11 @@ def train(
     examples, skipped = drop_unreadable(examples) if skip_bad else (examples, [])
     resolve_pretrained(cfg.model.pretrained)
     check_tracker_available(cfg.train.report_to)
+    if cfg.validation.loss_every_steps:
+        scan_image_folder(cfg.validation.loss_dir, cfg.data.caption_column)
+    if cfg.train.mixed_precision == "bf16" and torch.cuda.is_available():
+        if not torch.cuda.is_bf16_supported():
+            raise UserError("train.mixed_precision: this GPU has no bf16 support; use fp16 or no")
     checkpoint = find_resume_checkpoint(cfg.train.resume_from_checkpoint, output_dir)
     if checkpoint is not None:
         check_resume_config(checkpoint, cfg, allow_config_change)
@@ -113,13 +122,18 @@ def train(
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
     )
     main = accelerator.is_main_process
+    # Continuing in the checkpoint's own folder keeps that run's files; a checkpoint from
+    # another folder starts this folder as any new run would (and may be refused).
+    in_place = checkpoint is not None and checkpoint.parent == output_dir.resolve()
     if main:
-        prepare_output_dir(
-            output_dir, cfg, overwrite=overwrite, training=True, resuming=checkpoint is not None
-        )
-        if checkpoint is not None:
-            # Steps after the checkpoint are about to be trained (again): their lines go.
-            truncate_metrics(output_dir / "metrics.jsonl", checkpoint_step(checkpoint))
+        prepare_output_dir(output_dir, cfg, overwrite=overwrite, training=True, resuming=in_place)
+        if in_place:
+            # Steps after the checkpoint are about to be trained again: their lines, and any
+            # later checkpoints (a branch this resume abandons), go.
+            step = checkpoint_step(checkpoint)
+            truncate_metrics(output_dir / "metrics.jsonl", step)
+            for dropped in drop_checkpoints_after(output_dir, step):
+                logger.warning("removed %s: it follows the checkpoint resumed from", dropped)
     accelerator.wait_for_everyone()
     tracker = build_tracker(
         main,
@@ -221,7 +235,7 @@ class TrainingRun:
             self.ema.to(self.device)
 
         self.dataset = CaptionedImageDataset(examples, components.tokenizer, cfg.data)
-        self.progress = TrainingProgress(generator=torch.Generator().manual_seed(train_cfg.seed))
+        self.progress = TrainingProgress()
         trained = [unet] + ([text_encoder] if self.train_text_encoder else [])
         params = [p for model in trained for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(train_cfg, params)
@@ -234,6 +248,9 @@ class TrainingRun:
             self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
         components.unet = self.unet
         self.trained_params = params
+        self.trained_models = [self.unet] + (
+            [components.text_encoder] if self.train_text_encoder else []
+        )
         register_model_hooks(
             accelerator,
             unet=unet,
@@ -268,10 +285,35 @@ class TrainingRun:
     def resume(self, checkpoint: Path) -> None:
         """Restore model, optimizer, LR schedule, RNG states and stream position."""
         self.accelerator.load_state(str(checkpoint))
-        # The schedule is a function of train.max_steps, which may have changed: set this
-        # step's rate from the current schedule (the same number when nothing changed).
+        self._apply_config_after_resume()
+        logger.info("resumed from %s at step %d", checkpoint, self.progress.step)
+
+    def _apply_config_after_resume(self) -> None:
+        """Hyperparameters come from this run's config, not the checkpoint's.
+
+        `load_state` restores the optimizer's and the EMA's settings as they were saved; a key
+        the user was allowed to change (`--allow-config-change`), or `train.max_steps`, must
+        win. When nothing changed, every number set here is the one already there.
+        """
+        train_cfg = self.cfg.train
+        for group in self.optimizer.param_groups:
+            group.update(
+                betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+                eps=train_cfg.adam_epsilon,
+                weight_decay=train_cfg.adam_weight_decay,
+                initial_lr=train_cfg.learning_rate,
+            )
+        if self.ema is not None:
+            ema_cfg = self.cfg.ema
+            self.ema.decay = ema_cfg.decay
+            self.ema.use_ema_warmup = ema_cfg.warmup
+            self.ema.inv_gamma = ema_cfg.inv_gamma
+            self.ema.power = ema_cfg.power
+        # The schedule is a function of the config (peak rate, max_steps): set this step's
+        # rate from the current one.
         scheduler = self.lr_scheduler
         if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            scheduler.base_lrs = [train_cfg.learning_rate] * len(scheduler.base_lrs)
             rates = [
                 base * factor(scheduler.last_epoch)
                 for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
@@ -279,7 +321,6 @@ class TrainingRun:
             for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
                 group["lr"] = rate
             scheduler._last_lr = rates
-        logger.info("resumed from %s at step %d", checkpoint, self.progress.step)
 
     def train(self, stop_signals: list[int]) -> list[float]:
         cfg = self.cfg.train
@@ -309,8 +350,14 @@ class TrainingRun:
             self._log_step(result, val_loss, step_started, started)
             checkpointed = self._maybe_checkpoint()
             self._maybe_validate()
+            # Every process must stop after the same step (they meet in the checkpoint), so a
+            # signal seen by any of them is shared first. After the last step, just finish.
             if stop_signals:
-                self._stop_for_signal(stop_signals[0], checkpointed)
+                self.accelerator.set_trigger()
+            if self.accelerator.check_trigger() and self.progress.step < cfg.max_steps:
+                self._stop_for_signal(
+                    stop_signals[0] if stop_signals else signal.SIGTERM, checkpointed
+                )
         return losses
 
     def _optimizer_step(self, batches: Iterator) -> StepResult:
@@ -325,10 +372,11 @@ class TrainingRun:
         skipped = False
         for _ in range(cfg.gradient_accumulation_steps):
             batch = next(batches)
+            generator = batch_generator(cfg.seed, progress.samples_seen, accelerator.process_index)
             progress.samples_seen += cfg.batch_size * accelerator.num_processes
-            with accelerator.accumulate(self.unet):
+            with accelerator.accumulate(*self.trained_models):
                 loss = diffusion_loss(
-                    batch, self.components, self.unet, progress.generator,
+                    batch, self.components, self.unet, generator,
                     alphas_cumprod=self.alphas_cumprod, settings=self.loss_settings,
                 )  # fmt: skip
                 step_loss += loss.detach() / cfg.gradient_accumulation_steps
@@ -343,13 +391,17 @@ class TrainingRun:
                         grad_norm = float(norm)
                 if not skipped:
                     self.optimizer.step()
+                    # fp16: the grad scaler skips an update whose gradients overflowed.
+                    skipped = accelerator.sync_gradients and accelerator.optimizer_step_was_skipped
                 self.optimizer.zero_grad(set_to_none=True)
+        lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used
         if not skipped:
+            # A skipped update moves neither the schedule nor the average (as accelerate's own
+            # scheduler wrapper does), so both stay aligned with the updates really made.
             progress.nonfinite_in_a_row = 0
             if self.ema is not None and (progress.step + 1) % self.cfg.ema.update_every == 0:
                 self.ema.step(self.accelerator.unwrap_model(self.unet).parameters())
-        lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used
-        self.lr_scheduler.step()
+            self.lr_scheduler.step()
         return StepResult(step_loss.item(), lr, grad_norm, skipped)
 
     def _on_nonfinite(self, loss: float) -> None:
@@ -629,6 +681,8 @@ def _attach_log_handlers(
     console.setFormatter(logging.Formatter("%(message)s"))
     if not console_steps:
         console.addFilter(lambda record: not getattr(record, "per_step", False))
+    if not main_process:
+        console.setLevel(logging.WARNING)  # one process tells the story; others only warn
     handlers: list[logging.Handler] = [console]
     if main_process:
         path.parent.mkdir(parents=True, exist_ok=True)

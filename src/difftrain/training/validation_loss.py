@@ -8,6 +8,8 @@ does.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from difftrain.config import Config
@@ -15,16 +17,22 @@ from difftrain.data.dataset import CaptionedImageDataset
 from difftrain.data.folder import scan_image_folder
 from difftrain.data.sampler import SampleKey
 from difftrain.diffusion import add_noise, training_target
+from difftrain.errors import UserError
+from difftrain.training.modes import eval_mode
 
 
 class ValidationLoss:
     def __init__(self, cfg: Config, components, device: torch.device, weight_dtype: torch.dtype):
         validation = cfg.validation
+        num_timesteps = components.noise_scheduler.config.num_train_timesteps
+        if max(validation.loss_timesteps) >= num_timesteps:
+            raise UserError(
+                f"validation.loss_timesteps: {validation.loss_timesteps} must be below "
+                f"{num_timesteps}, the scheduler's number of training timesteps"
+            )
         examples = scan_image_folder(validation.loss_dir, cfg.data.caption_column)
         # Held-out images are seen as they are: centre crop, no flip, their real caption.
-        data_cfg = cfg.data.__class__(
-            **{**vars(cfg.data), "center_crop": True, "random_flip": False, "caption_dropout": 0.0}
-        )
+        data_cfg = replace(cfg.data, center_crop=True, random_flip=False, caption_dropout=0.0)
         dataset = CaptionedImageDataset(examples, components.tokenizer, data_cfg)
         self.items = [dataset[SampleKey(i, 0)] for i in range(len(dataset))]
         self.timesteps = validation.loss_timesteps
@@ -32,19 +40,28 @@ class ValidationLoss:
         self.components = components
         self.device = device
         self.weight_dtype = weight_dtype
+        self._latents: list[torch.Tensor] | None = None
+
+    def latents(self) -> list[torch.Tensor]:
+        """The held-out latents, encoded once: the VAE never trains."""
+        if self._latents is None:
+            vae = self.components.vae
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            self._latents = []
+            with torch.no_grad():
+                for item in self.items:
+                    pixels = item["pixel_values"][None].to(self.device, dtype=self.weight_dtype)
+                    mean = vae.encode(pixels).latent_dist.mean
+                    self._latents.append(((mean - shift) * vae.config.scaling_factor).float())
+        return self._latents
 
     @torch.no_grad()
     def __call__(self, unet, prediction_type: str, alphas_cumprod: torch.Tensor) -> float:
-        vae, text_encoder = self.components.vae, self.components.text_encoder
-        was_training = unet.training
-        unet.eval()
+        text_encoder = self.components.text_encoder
         total, count = 0.0, 0
-        try:
-            for index, item in enumerate(self.items):
-                pixels = item["pixel_values"][None].to(self.device, dtype=self.weight_dtype)
-                latents = vae.encode(pixels).latent_dist.mean
-                shift = getattr(vae.config, "shift_factor", None) or 0.0
-                latents = ((latents - shift) * vae.config.scaling_factor).float()
+        with eval_mode(unet, text_encoder):
+            for index, (item, latents) in enumerate(zip(self.items, self.latents(), strict=True)):
+                # Encoded each time: a text encoder trained with LoRA changes between calls.
                 embeddings = text_encoder(item["input_ids"][None].to(self.device))[0]
                 for t in self.timesteps:
                     generator = torch.Generator().manual_seed(
@@ -59,6 +76,4 @@ class ValidationLoss:
                     prediction = unet(noisy, timesteps, embeddings, return_dict=False)[0]
                     total += torch.mean((prediction.float() - target.float()) ** 2).item()
                     count += 1
-        finally:
-            unet.train(was_training)
         return total / count
