@@ -190,7 +190,7 @@ def test_resume_is_bit_exact_with(
     "train_options",
     [
         {"gradient_checkpointing": True, "allow_tf32": True},
-        {"snr_gamma": 5.0},
+        {"snr_gamma": 0.1},  # small: nearly every timestep is down-weighted
         {"noise_offset": 0.1, "input_perturbation": 0.1},
         {"mixed_precision": "bf16", "snr_gamma": 1.0},
     ],
