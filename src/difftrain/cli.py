@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         "make-tiny-model",
         cmd_make_tiny_model,
         "write a random-weight Stable Diffusion pipeline (no download)",
+        loads_models=True,
     )
     sub.add_argument("--output-dir", required=True)
     sub.add_argument("--size", choices=["tiny", "small"], default="tiny")
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         "quickstart",
         cmd_quickstart,
         "train the built-in tiny model on generated data and sample an image",
+        loads_models=True,
     )
     sub.add_argument("--output-dir", default="quickstart-output")
     sub.add_argument("--steps", type=int, default=30)
