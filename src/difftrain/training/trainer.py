@@ -28,6 +28,7 @@ from difftrain.diffusion import add_noise, sample_timesteps, training_target
 from difftrain.diffusion.noise import offset_noise, perturbed_noise
 from difftrain.diffusion.weighting import min_snr_weights, snr, weighted_mse
 from difftrain.errors import TrainingInterrupted, TrainingStopped, UserError
+from difftrain.models.latents import encode_latents
 from difftrain.models.loading import PipelineComponents, load_components, resolve_pretrained
 from difftrain.training.checkpoint import register_model_hooks, save_checkpoint
 from difftrain.training.determinism import configure_determinism, seed_everything
@@ -205,7 +206,8 @@ class TrainingRun:
             _to(model, self.device, self.weight_dtype)
         components.vae.eval()
         text_encoder.eval()
-        unet.to(self.device)
+        if not lora.enabled:
+            unet.to(self.device)  # fp32 master weights; LoRA's frozen UNet moved above
         if lora.enabled:
             from difftrain.models.lora import add_lora_adapters
 
@@ -274,7 +276,6 @@ class TrainingRun:
             weight_dtype=self.weight_dtype,
             train_text_encoder=self.train_text_encoder,
         )
-        self.prediction_type = self.loss_settings.prediction_type
         self.last_grid: Path | None = None
         self.validation_loss = None
         if cfg.validation.loss_every_steps:
@@ -326,8 +327,9 @@ class TrainingRun:
         cfg = self.cfg.train
         logger.info(
             "training %d steps on %d images (%s, %s prediction, batch %d x %d accumulation, %s)",
-            cfg.max_steps, len(self.dataset), self.components.source, self.prediction_type,
-            cfg.batch_size, cfg.gradient_accumulation_steps, self.device,
+            cfg.max_steps, len(self.dataset), self.components.source,
+            self.loss_settings.prediction_type, cfg.batch_size,
+            cfg.gradient_accumulation_steps, self.device,
         )  # fmt: skip
         batches = iter(
             build_dataloader(
@@ -428,7 +430,9 @@ class TrainingRun:
             return None
         with self.accelerator.autocast():
             return self.validation_loss(
-                self.accelerator.unwrap_model(self.unet), self.prediction_type, self.alphas_cumprod
+                self.accelerator.unwrap_model(self.unet),
+                self.loss_settings.prediction_type,
+                self.alphas_cumprod,
             )
 
     def _log_step(
@@ -510,7 +514,7 @@ class TrainingRun:
             ),
             "learning rate": f"{cfg.train.learning_rate:g} ({cfg.train.lr_scheduler})",
             "mixed precision": cfg.train.mixed_precision,
-            "prediction type": self.prediction_type,
+            "prediction type": self.loss_settings.prediction_type,
             "seed": cfg.train.seed,
         }
         if cfg.lora.enabled:
@@ -586,12 +590,8 @@ def diffusion_loss(
     draw nothing, so they leave the stream of every other draw as it was.
     """
     device = alphas_cumprod.device
-    vae = components.vae
-    with torch.no_grad():
-        pixels = batch["pixel_values"].to(device, dtype=settings.weight_dtype, non_blocking=True)
-        latents = vae.encode(pixels).latent_dist.sample(generator=generator)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latents = ((latents - shift) * vae.config.scaling_factor).float()
+    pixels = batch["pixel_values"].to(device, dtype=settings.weight_dtype, non_blocking=True)
+    latents = encode_latents(components.vae, pixels, generator)
     with torch.set_grad_enabled(settings.train_text_encoder):
         input_ids = batch["input_ids"].to(device)
         text_embeddings = components.text_encoder(input_ids, return_dict=False)[0]

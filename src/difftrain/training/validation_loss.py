@@ -18,6 +18,7 @@ from difftrain.data.folder import scan_image_folder
 from difftrain.data.sampler import SampleKey
 from difftrain.diffusion import add_noise, training_target
 from difftrain.errors import UserError
+from difftrain.models.latents import encode_latents
 from difftrain.training.modes import eval_mode
 
 
@@ -45,14 +46,13 @@ class ValidationLoss:
     def latents(self) -> list[torch.Tensor]:
         """The held-out latents, encoded once: the VAE never trains."""
         if self._latents is None:
-            vae = self.components.vae
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            self._latents = []
-            with torch.no_grad():
-                for item in self.items:
-                    pixels = item["pixel_values"][None].to(self.device, dtype=self.weight_dtype)
-                    mean = vae.encode(pixels).latent_dist.mean
-                    self._latents.append(((mean - shift) * vae.config.scaling_factor).float())
+            self._latents = [
+                encode_latents(
+                    self.components.vae,
+                    item["pixel_values"][None].to(self.device, dtype=self.weight_dtype),
+                )
+                for item in self.items
+            ]
         return self._latents
 
     @torch.no_grad()
