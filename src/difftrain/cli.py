@@ -79,23 +79,9 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from difftrain.sampling import generate, load_pipeline
+    from difftrain.sampling import run_sample
 
-    pipeline = load_pipeline(args.model, args.device)
-    if args.lora:
-        pipeline.load_lora_weights(args.lora)
-    (image,) = generate(
-        pipeline,
-        [args.prompt],
-        seed=args.seed,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        height=args.height,
-        width=args.width,
-    )
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    image.save(output)
+    output = run_sample(args)
     print(f"wrote {output}")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -73,3 +74,24 @@ def load_pipeline(model_dir: str | Path, device: str | None = None):
     pipeline = DiffusionPipeline.from_pretrained(resolve_pretrained(str(model_dir)))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def run_sample(args: argparse.Namespace) -> Path:
+    """`difftrain sample`: one image from a pipeline folder (optionally with a LoRA); returns
+    the path written."""
+    pipeline = load_pipeline(args.model, args.device)
+    if args.lora:
+        pipeline.load_lora_weights(args.lora)
+    (image,) = generate(
+        pipeline,
+        [args.prompt],
+        seed=args.seed,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+    )
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    image.save(output)
+    return output

@@ -60,6 +60,14 @@ def resolve_pretrained(name: str) -> str:
     return name
 
 
+def check_model_source(cfg: ModelConfig) -> str:
+    """Pre-flight check of `model.pretrained` before any training: returns the resolved source.
+
+    Refuses (UserError) what training could not load or must not run.
+    """
+    return resolve_pretrained(cfg.pretrained)
+
+
 def _looks_like_path(name: str) -> bool:
     # A hub id is `name` or `org/name`; anything else with separators is meant as a folder.
     return (

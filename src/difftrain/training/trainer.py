@@ -29,7 +29,7 @@ from difftrain.diffusion.noise import offset_noise, perturbed_noise
 from difftrain.diffusion.weighting import min_snr_weights, snr, weighted_mse
 from difftrain.errors import TrainingInterrupted, TrainingStopped, UserError
 from difftrain.models.latents import encode_latents
-from difftrain.models.loading import PipelineComponents, load_components, resolve_pretrained
+from difftrain.models.loading import PipelineComponents, check_model_source, load_components
 from difftrain.training.checkpoint import register_model_hooks, save_checkpoint
 from difftrain.training.determinism import configure_determinism, seed_everything
 from difftrain.training.metrics import truncate_metrics
@@ -106,7 +106,7 @@ def train(
     skip_bad = cfg.data.on_bad_image == "skip"
     examples = scan_image_folder(cfg.data.train_dir, cfg.data.caption_column, check=not skip_bad)
     examples, skipped = drop_unreadable(examples) if skip_bad else (examples, [])
-    resolve_pretrained(cfg.model.pretrained)
+    check_model_source(cfg.model)
     check_tracker_available(cfg.train.report_to)
     if cfg.validation.loss_every_steps:
         scan_image_folder(cfg.validation.loss_dir, cfg.data.caption_column)
