@@ -93,6 +93,33 @@ def _dummy_data_into_full_folder(ws: Workspace) -> Case:
     return Case(["make-dummy-data", "--output-dir", str(ws.root), "--num-images", "1"], "not empty")
 
 
+def _duplicate_section(ws: Workspace) -> Case:
+    text = f"data: {{train_dir: '{ws.data}'}}\ntrain: {{max_steps: 1}}\n\ntrain: {{seed: 3}}\n"
+    return Case(["train", "--config", ws.config("dup", text), *ws.out],
+                "key train appears twice (lines 2 and 4)")  # fmt: skip
+
+
+def _duplicate_key(ws: Workspace) -> Case:
+    text = f"data:\n  train_dir: '{ws.data}'\n  resolution: 64\n  resolution: 128\n"
+    return Case(["train", "--config", ws.config("dupkey", text), *ws.out],
+                "key data.resolution appears twice (lines 3 and 4)")  # fmt: skip
+
+
+def _nested_too_deep(ws: Workspace) -> Case:
+    text = "data: " + "[" * 20000 + "]" * 20000 + "\n"
+    return Case(["train", "--config", ws.config("deep", text), *ws.out], "nested too deep")
+
+
+def _infinite(key: str):
+    def build(ws: Workspace) -> Case:
+        return Case(
+            ["train", "--config", ws.data_config("inf"), "--set", f"{key}=inf", *ws.out],
+            f"{key}: must be a finite number, got",
+        )
+
+    return build
+
+
 CASES = {
     "config: missing file": _missing_config,
     "config: invalid YAML": _invalid_yaml,
@@ -100,6 +127,11 @@ CASES = {
     "config: wrong type": _wrong_type,
     "config: impossible resolution": _resolution,
     "config: bad --set": _bad_set,
+    "config: a section twice": _duplicate_section,
+    "config: a key twice": _duplicate_key,
+    "config: nested too deep": _nested_too_deep,
+    "config: infinite learning rate": _infinite("train.learning_rate"),
+    "config: infinite adam epsilon": _infinite("train.adam_epsilon"),
     "output: holds a different run": _other_run,
     "output: holds a foreign pipeline": _foreign_pipeline,
     "resume: not a checkpoint": _non_checkpoint,

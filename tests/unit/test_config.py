@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,22 @@ def test_output_dir_flag_overrides_config(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_every_schema_field_has_a_default() -> None:
-    # `difftrain train` must accept a config that only names the data folder.
+    # `difftrain train` must accept a config that only names the data folder: every field of
+    # every section has a default, and that default passes its own check (train_dir aside).
+    hints = typing.get_type_hints(Config)
     for section in dataclasses.fields(Config):
-        assert section.default_factory is not dataclasses.MISSING
+        assert section.default_factory is not dataclasses.MISSING, section.name
+        for item in dataclasses.fields(hints[section.name]):
+            has_default = (
+                item.default is not dataclasses.MISSING
+                or item.default_factory is not dataclasses.MISSING
+            )
+            assert has_default, f"{section.name}.{item.name} has no default"
+    cfg = config_from_dict({"data": {"train_dir": "x"}})
+    assert cfg.train.max_steps == 100 and cfg.lora.rank == 4
+
+
+def test_config_path_with_tilde_is_expanded(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "c.yaml").write_text("data: {train_dir: x}\ntrain: {max_steps: 7}\n")
+    assert load_config("~/c.yaml").train.max_steps == 7

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -17,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from difftrain.config.schema import Config
+from difftrain.config.strict_yaml import DuplicateKeyError, safe_load_strict
 from difftrain.errors import ConfigError, UserError
 
 _MISSING = object()
@@ -36,20 +38,26 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
     """Parse a YAML file whose top level must be a mapping; errors name the file and line."""
-    path = Path(path)
+    path = Path(path).expanduser()  # `--config ~/x.yaml` quoted, as data paths are expanded
     if not path.is_file():
         raise UserError(
             f"config file {path} does not exist; pass an existing YAML file to --config"
         )
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_load_strict(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise UserError(f"{path}{line}: invalid YAML: {problem}; fix the syntax there") from None
+    except DuplicateKeyError as exc:
+        raise UserError(f"{path}: {exc}; keep one of them") from None
+    except RecursionError:
+        raise UserError(f"{path}: YAML nested too deep to be a config; fix the file") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text file; pass a YAML config") from None
+    except OSError as exc:
+        raise UserError(f"config file {path}: cannot read it ({exc.strerror})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -211,14 +219,19 @@ def _coerce(value: Any, hint: Any, key: str, source: str | None) -> Any:
             return int(value)
         raise ConfigError(key, f"must be an integer, got {_describe(value)}", source)
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads `1e-4` (no dot) as a string.
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads `1e-4` (no dot) as a string.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(key, f"must be a number, got {_describe(value)}", source)
+        if number is None:
+            raise ConfigError(key, f"must be a number, got {_describe(value)}", source)
+        if not math.isfinite(number):  # `.inf`, `inf`, `nan`: no setting means infinity
+            raise ConfigError(key, f"must be a finite number, got {value!r}", source)
+        return number
     if hint is str:
         if text is not None:
             return text.strip()
