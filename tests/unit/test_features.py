@@ -197,12 +197,22 @@ def test_resume_is_bit_exact_with(
     ids=["checkpointing-tf32", "min-snr", "offset-perturbation", "bf16-min-snr"],
 )
 def test_options_train_and_change_the_run(
-    tmp_path: Path, dummy_data_dir: Path, tiny_model_dir, train_options
+    tmp_path: Path, dummy_data_dir: Path, tiny_model_dir, train_options, monkeypatch
 ) -> None:
     base = train(config(tmp_path / "base", dummy_data_dir))
+    recomputed = []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        recomputed.append(1)
+        return real_checkpoint(*args, **kwargs)
+
+    # diffusers binds torch's checkpoint function when checkpointing is enabled (in train()).
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
     result = train(config(tmp_path / "opt", dummy_data_dir, train=train_options))
     assert all(torch.isfinite(torch.tensor(loss)) for loss in result.losses)
     if "gradient_checkpointing" in train_options:
+        assert recomputed, "gradient_checkpointing: true recomputed no activations"
         # Recomputing activations must not change the maths.
         torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(base.losses))
     else:
@@ -340,5 +350,5 @@ def test_model_card_describes_a_full_run(
     result = train(config(tmp_path / "out", dummy_data_dir))
     card = (result.output_dir / "README.md").read_text()
     assert "StableDiffusionPipeline.from_pretrained" in card
-    assert str(dummy_data_dir) in card and "8" in card
+    assert f"- Data: `{dummy_data_dir}` (8 images)" in card
     assert f"{result.losses[-1]:.4f}"[:5] in card

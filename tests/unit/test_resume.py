@@ -229,17 +229,6 @@ def test_a_signal_during_the_last_step_just_finishes(
     assert result.steps == 2 and (result.output_dir / UNET_WEIGHTS).is_file()
 
 
-def test_each_process_and_position_draws_its_own_numbers() -> None:
-    def draw(seed, position, rank):
-        return torch.randn(4, generator=trainer_module.batch_generator(seed, position, rank))
-
-    assert torch.equal(draw(0, 8, 0), draw(0, 8, 0))
-    assert not torch.equal(draw(0, 8, 0), draw(0, 8, 1))
-    assert not torch.equal(draw(0, 8, 0), draw(0, 12, 0))
-    assert not torch.equal(draw(0, 8, 0), draw(1, 8, 0))
-    draw(2**32 - 1, 10**12, 7)  # the largest seed and a long run stay in range
-
-
 def test_resuming_from_a_folder_that_is_not_a_checkpoint(
     tmp_path: Path, dummy_data_dir: Path
 ) -> None:

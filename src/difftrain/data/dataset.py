@@ -14,7 +14,8 @@ from difftrain.data.transforms import load_rgb, preprocess
 
 
 class CaptionedImageDataset(torch.utils.data.Dataset):
-    """Item `SampleKey(i, seed)` -> {"pixel_values": CHW in [-1, 1], "input_ids": token ids}."""
+    """Item `SampleKey` -> {"pixel_values": CHW in [-1, 1], "input_ids": token ids,
+    "position": the sample's stream position (keys the loss's random draws)}."""
 
     def __init__(self, examples: list[Example], tokenizer: Any, cfg: DataConfig):
         self.examples = examples
@@ -38,7 +39,11 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         # Drawn only when on, so runs without caption dropout keep their exact stream.
         if self.cfg.caption_dropout and rng.random() < self.cfg.caption_dropout:
             caption = ""
-        return {"pixel_values": pixels, "input_ids": self.tokenize(caption)}
+        return {
+            "pixel_values": pixels,
+            "input_ids": self.tokenize(caption),
+            "position": torch.tensor(key.position, dtype=torch.int64),
+        }
 
     def tokenize(self, caption: str) -> torch.Tensor:
         return self.tokenizer(

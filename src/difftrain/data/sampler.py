@@ -2,8 +2,10 @@
 
 The stream is an endless sequence of epochs, each a permutation of the dataset drawn from
 (seed, epoch). Position p of the stream is fully determined by (seed, p), so a run resumed at
-position p sees exactly what the uninterrupted run would have seen, and every sample carries
-its own augmentation seed derived from (seed, p).
+position p sees exactly what the uninterrupted run would have seen. Every sample carries its
+position, from which all its randomness is derived (augmentation here; latent sample, noise
+and timestep in the loss): a sample is the same whichever process, micro-batch or resume
+draws it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from difftrain.seeds import derive_seed
+
 
 @dataclass(frozen=True)
 class SampleKey:
@@ -20,6 +24,8 @@ class SampleKey:
     """Which dataset item."""
     augment_seed: int
     """Seed of this sample's random crop / flip."""
+    position: int = 0
+    """Where the sample sits in the stream (all processes together)."""
 
 
 class ResumableSampler(torch.utils.data.Sampler):
@@ -45,7 +51,7 @@ class ResumableSampler(torch.utils.data.Sampler):
         self.world_size = world_size
 
     def permutation(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
         return torch.randperm(self.num_items, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[SampleKey]:
@@ -55,5 +61,6 @@ class ResumableSampler(torch.utils.data.Sampler):
             if position // self.num_items != epoch:
                 epoch = position // self.num_items
                 order = self.permutation(epoch)
-            yield SampleKey(order[position % self.num_items], self.seed * 2**32 + position)
+            augment_seed = derive_seed(self.seed, "augment", position)
+            yield SampleKey(order[position % self.num_items], augment_seed, position)
             position += self.world_size

@@ -95,16 +95,6 @@ class RunTracker:
         if self._bar is not None and isinstance(step, int):
             _advance_bar(self._bar, step, record)
 
-    def write(self, message: str) -> None:
-        """Print a line above the bar without breaking it; without a bar, nothing.
-
-        The caller logs the same message through `logging` (train.log) either way.
-        """
-        if self._bar is not None:
-            from tqdm import tqdm
-
-            tqdm.write(message, file=sys.stderr)
-
     def close(self) -> None:
         """Close the bar and every backend; safe to call more than once."""
         if self._closed:
@@ -125,9 +115,6 @@ class NullTracker:
     shows_progress = False
 
     def log(self, record: dict[str, object]) -> None:
-        pass
-
-    def write(self, message: str) -> None:
         pass
 
     def close(self) -> None:

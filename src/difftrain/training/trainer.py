@@ -1,11 +1,11 @@
 """The training loop: build every component from its slice of the config, train, save.
 
 Run it with `difftrain train --config CONFIG.yaml` (or `scripts/train_text_to_image.py`).
-Every random number is keyed by where it sits in the run: data order and augmentation by the
-sampler's (seed, position), and a micro-batch's latent sample, noise and timesteps by a CPU
-generator seeded from (seed, position, process). Nothing random lives in global state, so a
-run is reproducible on any device, every process draws its own numbers, and a resumed run
-continues the exact stream: it is bit-identical to the run that was never interrupted.
+Every random number is keyed by where it sits in the run: data order by (seed, epoch), and a
+sample's augmentation, latent sample, noise and timestep by (seed, the sample's stream
+position), through `difftrain.seeds`. Nothing random lives in global state, so a run is
+reproducible on any device, a sample is the same in any micro-batch or process, and a resumed
+run continues the exact stream: it is bit-identical to the run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -24,14 +24,11 @@ import torch
 from difftrain.config import Config, config_to_dict, dump_config
 from difftrain.data.dataset import CaptionedImageDataset, build_dataloader
 from difftrain.data.folder import Example, drop_unreadable, scan_image_folder
-from difftrain.diffusion import add_noise, sample_timesteps, training_target
-from difftrain.diffusion.noise import offset_noise, perturbed_noise
-from difftrain.diffusion.weighting import min_snr_weights, snr, weighted_mse
 from difftrain.errors import TrainingInterrupted, TrainingStopped, UserError
-from difftrain.models.latents import encode_latents
 from difftrain.models.loading import PipelineComponents, check_model_source, load_components
 from difftrain.training.checkpoint import register_model_hooks, save_checkpoint
 from difftrain.training.determinism import configure_determinism, seed_everything
+from difftrain.training.loss import LossSettings, diffusion_loss
 from difftrain.training.metrics import truncate_metrics
 from difftrain.training.optim import build_lr_scheduler, build_optimizer
 from difftrain.training.resume import (
@@ -69,11 +66,6 @@ class TrainingProgress:
         self.samples_seen = int(state["samples_seen"])
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
-
-
-def batch_generator(seed: int, position: int, rank: int) -> torch.Generator:
-    """The random source of the micro-batch at stream `position` on process `rank`."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + position) * 1_009 + rank) % 2**63)
 
 
 @dataclass
@@ -270,6 +262,7 @@ class TrainingRun:
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device)
         self.loss_settings = LossSettings(
             prediction_type=scheduler.config.prediction_type,
+            seed=train_cfg.seed,
             snr_gamma=train_cfg.snr_gamma,
             noise_offset=train_cfg.noise_offset,
             input_perturbation=train_cfg.input_perturbation,
@@ -374,11 +367,10 @@ class TrainingRun:
         skipped = False
         for _ in range(cfg.gradient_accumulation_steps):
             batch = next(batches)
-            generator = batch_generator(cfg.seed, progress.samples_seen, accelerator.process_index)
             progress.samples_seen += cfg.batch_size * accelerator.num_processes
             with accelerator.accumulate(*self.trained_models):
                 loss = diffusion_loss(
-                    batch, self.components, self.unet, generator,
+                    batch, self.components, self.unet,
                     alphas_cumprod=self.alphas_cumprod, settings=self.loss_settings,
                 )  # fmt: skip
                 step_loss += loss.detach() / cfg.gradient_accumulation_steps
@@ -560,55 +552,6 @@ class TrainingRun:
             f"{signal.Signals(signum).name} received: stopped after step {self.progress.step} "
             f"with checkpoint {path}; continue with --resume-from-checkpoint latest",
         )
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    """What shapes the loss, from the `train` section (built once per run)."""
-
-    prediction_type: str
-    snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    input_perturbation: float = 0.0
-    weight_dtype: torch.dtype = torch.float32
-    train_text_encoder: bool = False
-
-
-def diffusion_loss(
-    batch: dict[str, torch.Tensor],
-    components: PipelineComponents,
-    unet: torch.nn.Module,
-    generator: torch.Generator,
-    *,
-    alphas_cumprod: torch.Tensor,
-    settings: LossSettings,
-) -> torch.Tensor:
-    """The noise-prediction loss of one batch (latents and text embeddings made on the fly).
-
-    Every random draw comes from `generator` (a CPU generator, then moved), in a fixed order:
-    latent sample, noise, offset noise, timesteps, input perturbation. Options that are off
-    draw nothing, so they leave the stream of every other draw as it was.
-    """
-    device = alphas_cumprod.device
-    pixels = batch["pixel_values"].to(device, dtype=settings.weight_dtype, non_blocking=True)
-    latents = encode_latents(components.vae, pixels, generator)
-    with torch.set_grad_enabled(settings.train_text_encoder):
-        input_ids = batch["input_ids"].to(device)
-        text_embeddings = components.text_encoder(input_ids, return_dict=False)[0]
-
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    noise = offset_noise(noise, settings.noise_offset, generator)
-    timesteps = sample_timesteps(latents.shape[0], len(alphas_cumprod), generator).to(device)
-    model_noise = perturbed_noise(noise, settings.input_perturbation, generator)
-    noisy = add_noise(latents, model_noise, alphas_cumprod, timesteps)
-    target = training_target(settings.prediction_type, latents, noise, alphas_cumprod, timesteps)
-    prediction = unet(noisy, timesteps, text_embeddings, return_dict=False)[0]
-    weights = None
-    if settings.snr_gamma is not None:
-        weights = min_snr_weights(
-            snr(alphas_cumprod, timesteps), settings.snr_gamma, settings.prediction_type
-        )
-    return weighted_mse(prediction, target, weights)
 
 
 @contextmanager

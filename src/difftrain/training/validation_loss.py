@@ -19,6 +19,7 @@ from difftrain.data.sampler import SampleKey
 from difftrain.diffusion import add_noise, training_target
 from difftrain.errors import UserError
 from difftrain.models.latents import encode_latents
+from difftrain.seeds import generator as seeded_generator
 from difftrain.training.modes import eval_mode
 
 
@@ -64,9 +65,7 @@ class ValidationLoss:
                 # Encoded each time: a text encoder trained with LoRA changes between calls.
                 embeddings = text_encoder(item["input_ids"][None].to(self.device))[0]
                 for t in self.timesteps:
-                    generator = torch.Generator().manual_seed(
-                        (self.seed * 1_000_003 + index) * 10_007 + t
-                    )
+                    generator = seeded_generator(self.seed, "validation-loss", index, t)
                     noise = torch.randn(latents.shape, generator=generator).to(self.device)
                     timesteps = torch.tensor([t], device=self.device)
                     noisy = add_noise(latents, noise, alphas_cumprod, timesteps)
