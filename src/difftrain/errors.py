@@ -33,6 +33,10 @@ class ConfigError(UserError):
         self.key = key
 
 
+class StorageFull(UserError):
+    """A write failed (disk full, permissions): one line, exit 2, nothing complete lost."""
+
+
 class TrainingStopped(Exception):
     """Training ended early for a reason that is not the user's input (e.g. a non-finite loss).
 

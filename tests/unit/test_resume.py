@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from difftrain.config import config_from_dict
-from difftrain.errors import TrainingInterrupted, TrainingStopped, UserError
+from difftrain.errors import StorageFull, TrainingInterrupted, TrainingStopped, UserError
 from difftrain.training import trainer as trainer_module
 from difftrain.training.checkpoint import is_complete, list_checkpoints
 from difftrain.training.metrics import read_metrics
@@ -140,7 +140,7 @@ def test_a_checkpoint_without_a_complete_manifest_is_never_picked(
     (torn / "manifest.json").unlink()
     cut = out / "checkpoint-7"
     shutil.copytree(out / "checkpoint-4", cut)
-    (cut / "optimizer.bin").write_bytes(b"torn")
+    (cut / "optimizer.pt").write_bytes(b"torn")
     assert [step for step, _ in list_checkpoints(out)] == [4]
     result = train(config(out, dummy_data_dir, train={"resume_from_checkpoint": "latest"}))
     assert result.resumed_from == out / "checkpoint-4"
@@ -259,23 +259,22 @@ def test_resuming_from_a_folder_that_is_not_a_checkpoint(
 def test_failed_checkpoint_write_keeps_the_previous_one(
     tmp_path: Path, dummy_data_dir: Path, tiny_model_dir, monkeypatch, error, shown
 ) -> None:
-    from accelerate import Accelerator
+    from difftrain.training import state as state_module
 
-    real_save = Accelerator.save_state
+    real_save = state_module.save_main_state
     calls = []
 
-    def failing_save(self, output_dir=None, **kwargs):
-        calls.append(output_dir)
+    def failing_save(folder, *args, **kwargs):
+        calls.append(folder)
         if len(calls) == 2:
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            Path(output_dir, "half-written").write_text("x")
+            Path(folder, "half-written").write_text("x")
             raise error
-        return real_save(self, output_dir, **kwargs)
+        return real_save(folder, *args, **kwargs)
 
-    monkeypatch.setattr(Accelerator, "save_state", failing_save)
+    monkeypatch.setattr(trainer_module, "save_main_state", failing_save)
     out = tmp_path / "out"
     with pytest.raises(
-        TrainingStopped,
+        StorageFull,
         match=rf"could not write checkpoint .*checkpoint-4 \(.*{shown}.*\); earlier checkpoints are intact",
     ):
         train(config(out, dummy_data_dir, train={"max_steps": 6}, checkpointing={"every_steps": 2}))

@@ -113,7 +113,7 @@ def test_checkpoint_is_complete_and_its_unet_loads_alone(two_step_run) -> None:
     assert step == 2 and path.name == "checkpoint-2"
     assert is_complete(path, verify_hashes=True)
     manifest = json.loads((path / "manifest.json").read_text())
-    assert {"config.yaml", "optimizer.bin", UNET_WEIGHTS} <= set(manifest["files"])
+    assert {"config.yaml", "optimizer.pt", UNET_WEIGHTS} <= set(manifest["files"])
     unet = UNet2DConditionModel.from_pretrained(path / "unet")
     final = unet_weights(result.output_dir)
     assert all(torch.equal(v, final[k]) for k, v in unet.state_dict().items())

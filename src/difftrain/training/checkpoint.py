@@ -6,24 +6,23 @@ manifest that matches its files is never taken for a checkpoint (resuming checks
 too), so a run killed mid-write leaves at worst a `.partial` folder, removed when the run
 starts again.
 
-The state itself is saved by `accelerator.save_state`: every process writes its own RNG state,
-only the main process writes the rest, the manifest and the rename (one process and DDP;
-FSDP / DeepSpeed need sharded model saving in the hooks, not written yet). The models are
-saved in diffusers formats by a save hook (`register_model_hooks`), so a checkpoint's UNet or
-LoRA loads into the base pipeline on its own.
+Every process writes its own RNG state; only the main process writes the rest, the manifest
+and the rename (one process and DDP; FSDP / DeepSpeed need sharded model saving, not written
+yet). Nothing is pickled (see `training.state`), and the models are saved in diffusers
+formats, so a checkpoint's UNet or LoRA loads into the base pipeline on its own.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from difftrain.errors import TrainingStopped
+from difftrain.errors import StorageFull
 from difftrain.io import atomic_write_json, replace_path, sha256_file
+from difftrain.training.state import FORMAT_VERSION, save_rng_state
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
@@ -39,7 +38,8 @@ def write_manifest(folder: Path, step: int) -> None:
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name != MANIFEST
     }
-    atomic_write_json(folder / MANIFEST, {"step": step, "files": files})
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
+    atomic_write_json(folder / MANIFEST, manifest)
 
 
 def is_complete(folder: Path, verify_hashes: bool = False) -> bool:
@@ -97,19 +97,25 @@ def save_checkpoint(
     step: int,
     *,
     total_limit: int | None,
-    write_extra: Callable[[Path], None],
+    write_main: Callable[[Path], None],
 ) -> Path:
-    """Save the full training state as `checkpoint-<step>`; `write_extra(folder)` adds files."""
+    """Save the full training state as `checkpoint-<step>`.
+
+    Every process writes its RNG state; the main process calls `write_main(folder)` for the
+    models, optimizer, schedule and config, then the manifest, the rename and the pruning.
+    """
     final = checkpoint_path(output_dir, step)
     partial = output_dir / f".{final.name}.partial"
     try:
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(partial))
+        save_rng_state(partial, accelerator.process_index)
+        if accelerator.is_main_process:
+            write_main(partial)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_extra(partial)
             write_manifest(partial, step)
             replace_path(partial, final)
             # Prune only once the new checkpoint is complete: a failed write must leave the
@@ -123,7 +129,7 @@ def save_checkpoint(
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
         reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        raise TrainingStopped(
+        raise StorageFull(
             f"could not write checkpoint {final} ({reason}); earlier checkpoints "
             "are intact; free space or fix permissions, then resume"
         ) from None
@@ -138,42 +144,39 @@ def _serialization_errors() -> tuple[type[BaseException], ...]:
     return (SafetensorError,)
 
 
-def register_model_hooks(accelerator, *, unet, text_encoder=None, lora: bool = False, ema=None):
-    """Save / load the trained models in diffusers formats instead of accelerate's blobs.
+def save_trained_models(folder: Path, *, unet, text_encoder=None, lora: bool, ema=None) -> None:
+    """The trained models in diffusers formats, so a checkpoint's weights load on their own.
 
-    Full fine-tune: `unet/` (loads on its own with `UNet2DConditionModel.from_pretrained`).
-    LoRA: `pytorch_lora_weights.safetensors` (loads with `pipe.load_lora_weights`).
-    EMA: `unet_ema/`, written by diffusers' `EMAModel.save_pretrained`.
+    Full fine-tune: `unet/` (`UNet2DConditionModel.from_pretrained`); LoRA:
+    `pytorch_lora_weights.safetensors` (`pipe.load_lora_weights`); EMA: `unet_ema/`.
     `unet` and `text_encoder` are the unwrapped models; `text_encoder` only when it trains.
     """
-    from difftrain.models.lora import load_lora_weights_into, save_lora_weights
+    from difftrain.models.lora import save_lora_weights
 
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            if lora:
-                save_lora_weights(Path(output_dir), unet, text_encoder)
-            else:
-                unet.save_pretrained(os.path.join(output_dir, "unet"))
-            if ema is not None:
-                ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
-        # Every model is in the formats above: accelerate need not save it again.
-        weights.clear()
+    if lora:
+        save_lora_weights(folder, unet, text_encoder)
+    else:
+        unet.save_pretrained(folder / "unet", safe_serialization=True)
+    if ema is not None:
+        ema.save_pretrained(str(folder / "unet_ema"))
 
-    def load_hook(models, input_dir):
-        models.clear()  # loaded here, not by accelerate
-        if lora:
-            load_lora_weights_into(Path(input_dir), unet, text_encoder)
-        else:
-            loaded = type(unet).from_pretrained(input_dir, subfolder="unet")
-            unet.load_state_dict(loaded.state_dict())
-            del loaded
-        if ema is not None:
-            from diffusers.training_utils import EMAModel
 
-            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), type(unet))
-            ema.load_state_dict(loaded.state_dict())
-            ema.to(accelerator.device)
-            del loaded
+def load_trained_models(
+    folder: Path, *, unet, text_encoder=None, lora: bool, ema=None, device=None
+) -> None:
+    """Load what `save_trained_models` wrote into the live models (safetensors only)."""
+    from difftrain.models.lora import load_lora_weights_into
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    if lora:
+        load_lora_weights_into(folder, unet, text_encoder)
+    else:
+        loaded = type(unet).from_pretrained(folder, subfolder="unet", use_safetensors=True)
+        unet.load_state_dict(loaded.state_dict())
+        del loaded
+    if ema is not None:
+        from diffusers.training_utils import EMAModel
+
+        loaded = EMAModel.from_pretrained(str(folder / "unet_ema"), type(unet))
+        ema.load_state_dict(loaded.state_dict())
+        ema.to(device)
+        del loaded

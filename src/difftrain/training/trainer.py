@@ -26,7 +26,11 @@ from difftrain.data.dataset import CaptionedImageDataset, build_dataloader
 from difftrain.data.folder import Example, drop_unreadable, scan_image_folder
 from difftrain.errors import TrainingInterrupted, TrainingStopped, UserError
 from difftrain.models.loading import PipelineComponents, check_model_source, load_components
-from difftrain.training.checkpoint import register_model_hooks, save_checkpoint
+from difftrain.training.checkpoint import (
+    load_trained_models,
+    save_checkpoint,
+    save_trained_models,
+)
 from difftrain.training.determinism import configure_determinism, seed_everything
 from difftrain.training.loss import LossSettings, diffusion_loss
 from difftrain.training.metrics import truncate_metrics
@@ -38,34 +42,15 @@ from difftrain.training.resume import (
     find_resume_checkpoint,
 )
 from difftrain.training.run_dir import prepare_output_dir, write_run_description
+from difftrain.training.state import (
+    TrainingProgress,
+    TrainingState,
+    load_training_state,
+    save_main_state,
+)
 from difftrain.training.tracking import build_tracker, check_tracker_available
 
 logger = logging.getLogger("difftrain")
-
-
-@dataclass
-class TrainingProgress:
-    """What a checkpoint needs beyond model and optimizer to continue the exact run."""
-
-    step: int = 0
-    samples_seen: int = 0
-    """Position in the sample stream (all processes together)."""
-    nonfinite_in_a_row: int = 0
-    nonfinite_total: int = 0
-
-    def state_dict(self) -> dict[str, object]:
-        return {
-            "step": self.step,
-            "samples_seen": self.samples_seen,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
-            "nonfinite_total": self.nonfinite_total,
-        }
-
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        self.step = int(state["step"])
-        self.samples_seen = int(state["samples_seen"])
-        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
-        self.nonfinite_total = int(state.get("nonfinite_total", 0))
 
 
 @dataclass
@@ -245,14 +230,13 @@ class TrainingRun:
         self.trained_models = [self.unet] + (
             [components.text_encoder] if self.train_text_encoder else []
         )
-        register_model_hooks(
-            accelerator,
-            unet=unet,
-            text_encoder=text_encoder if self.train_text_encoder else None,
-            lora=lora.enabled,
-            ema=self.ema,
+        self.state = TrainingState(
+            progress=self.progress,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            grad_scaler=accelerator.scaler,
         )
-        accelerator.register_for_checkpointing(self.lr_scheduler, self.progress)
+        self._unwrapped_text_encoder = text_encoder if self.train_text_encoder else None
 
         scheduler = components.noise_scheduler
         if train_cfg.prediction_type is not None:
@@ -278,14 +262,16 @@ class TrainingRun:
 
     def resume(self, checkpoint: Path) -> None:
         """Restore model, optimizer, LR schedule, RNG states and stream position."""
-        self.accelerator.load_state(str(checkpoint))
+        accelerator = self.accelerator
+        load_trained_models(checkpoint, **self._trained_models_spec(), device=accelerator.device)
+        load_training_state(checkpoint, self.state, rank=accelerator.process_index)
         self._apply_config_after_resume()
         logger.info("resumed from %s at step %d", checkpoint, self.progress.step)
 
     def _apply_config_after_resume(self) -> None:
         """Hyperparameters come from this run's config, not the checkpoint's.
 
-        `load_state` restores the optimizer's and the EMA's settings as they were saved; a key
+        Loading restores the optimizer's and the EMA's settings as they were saved; a key
         the user was allowed to change (`--allow-config-change`), or `train.max_steps`, must
         win. When nothing changed, every number set here is the one already there.
         """
@@ -456,10 +442,23 @@ class TrainingRun:
         path = save_checkpoint(
             self.accelerator, self.output_dir, self.progress.step,
             total_limit=self.cfg.checkpointing.total_limit,
-            write_extra=lambda folder: dump_config(self.cfg, folder / "config.yaml"),
+            write_main=self._write_checkpoint_files,
         )  # fmt: skip
         logger.info("saved %s", path)
         return True
+
+    def _trained_models_spec(self) -> dict[str, object]:
+        return {
+            "unet": self.accelerator.unwrap_model(self.unet),
+            "text_encoder": self._unwrapped_text_encoder,
+            "lora": self.cfg.lora.enabled,
+            "ema": self.ema,
+        }
+
+    def _write_checkpoint_files(self, folder: Path) -> None:
+        save_trained_models(folder, **self._trained_models_spec())
+        save_main_state(folder, self.state, num_processes=self.accelerator.num_processes)
+        dump_config(self.cfg, folder / "config.yaml")
 
     def _maybe_validate(self) -> None:
         validation, step = self.cfg.validation, self.progress.step
