@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from PIL import Image
 from difftrain.config.schema import DataConfig
 from difftrain.data.dataset import CaptionedImageDataset, build_dataloader
 from difftrain.data.dummy import make_dummy_imagefolder
-from difftrain.data.folder import scan_image_folder
+from difftrain.data.folder import Example, check_image_file, drop_unreadable, scan_image_folder
 from difftrain.data.sampler import ResumableSampler, SampleKey
 from difftrain.data.transforms import load_rgb, preprocess
 from difftrain.errors import UserError
@@ -222,3 +223,129 @@ def test_a_bad_image_in_a_worker_process_is_still_one_clean_line(
     message = str(error.value)
     assert message.startswith("data.train_dir: cannot read image") and "00000.png" in message
     assert "Traceback" not in message and "DataLoader worker" not in message
+
+
+def _outside_and_folder(tmp_path: Path) -> Path:
+    """A data folder `tmp_path/data`, with a real image beside it that file_name can reach."""
+    image(tmp_path / "x.png")
+    folder = tmp_path / "data"
+    (folder / "a").mkdir(parents=True)
+    return folder
+
+
+def _metadata_jsonl(folder: Path, *rows: dict) -> None:
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    (folder / "metadata.jsonl").write_text(text, encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("file_name", "message"),
+    [
+        ("../x.png", "points outside data.train_dir"),
+        ("a/../../x.png", "points outside data.train_dir"),
+        ("..\\x.png", "points outside data.train_dir"),
+        ("a\\..\\..\\x.png", "points outside data.train_dir"),
+        ("..", "points outside data.train_dir"),
+        ("/abs/x.png", "is an absolute path"),
+        ("\\abs\\x.png", "is an absolute path"),
+        ("C:/x.png", "is an absolute path"),
+        ("c:x.png", "is an absolute path"),
+        ("x.png\0.txt", "contains a NUL byte"),
+        ("a/..", "names no file"),
+        ("", "names no file"),
+    ],
+)
+def test_file_name_must_stay_inside_the_folder(tmp_path: Path, file_name: str, message) -> None:
+    folder = _outside_and_folder(tmp_path)
+    if file_name.startswith("/abs"):
+        file_name = str(tmp_path / "x.png")  # a real file, so only the check can refuse it
+    _metadata_jsonl(
+        folder, {"file_name": "a.png", "text": "ok"}, {"file_name": file_name, "text": "x"}
+    )
+    image(folder / "a.png")
+    with pytest.raises(UserError, match=f"metadata.jsonl line 2: file_name .* {message}"):
+        scan_image_folder(folder)
+
+
+def test_csv_file_name_is_checked_too(tmp_path: Path) -> None:
+    folder = _outside_and_folder(tmp_path)
+    (folder / "metadata.csv").write_text("file_name,text\n\n../x.png,a caption\n")
+    with pytest.raises(UserError, match="metadata.csv line 3: file_name '../x.png' points out"):
+        scan_image_folder(folder)
+
+
+@pytest.mark.parametrize("value", [3, None, ["a.png"]])
+def test_file_name_must_be_text(tmp_path: Path, value) -> None:
+    _metadata_jsonl(tmp_path, {"file_name": value, "text": "x"})
+    with pytest.raises(UserError, match="line 1: file_name must be text") as error:
+        scan_image_folder(tmp_path)
+    assert str(error.value).endswith(f"got {value!r}")
+
+
+def test_file_names_inside_the_folder_and_symlinks_still_work(tmp_path: Path) -> None:
+    folder = _outside_and_folder(tmp_path)
+    image(folder / "a" / "b.png")
+    (folder / "link").symlink_to(tmp_path)  # the user's own choice: followed as usual
+    names = ["a/b.png", "a\\b.png", "./a/b.png", "a/../a/b.png", "link/x.png"]
+    _metadata_jsonl(folder, *({"file_name": name, "text": name} for name in names))
+    paths = [e.image_path for e in scan_image_folder(folder)]
+    assert paths[:4] == [folder / "a" / "b.png"] * 4
+    assert paths[4] == folder / "link" / "x.png"
+
+
+def test_a_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    image(tmp_path / "a.png")
+    (tmp_path / "metadata.csv").write_text("file_name,text\na.png,café\n", encoding="utf-8-sig")
+    assert scan_image_folder(tmp_path)[0].caption == "café"
+    (tmp_path / "metadata.csv").unlink()
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "é"}', "utf-8-sig")
+    assert scan_image_folder(tmp_path)[0].caption == "é"
+    (tmp_path / "metadata.jsonl").unlink()
+    (tmp_path / "a.txt").write_text("thé\n", encoding="utf-8-sig")
+    assert scan_image_folder(tmp_path)[0].caption == "thé"
+
+
+@pytest.mark.parametrize("name", ["metadata.jsonl", "metadata.csv", "a.txt"])
+def test_text_that_is_not_utf8_names_the_file_and_line(tmp_path: Path, name: str) -> None:
+    image(tmp_path / "a.png")
+    good = {"metadata.jsonl": '{"file_name": "a.png", "text": "x"}', "metadata.csv": "a,b"}
+    (tmp_path / name).write_bytes(good.get(name, "").encode() + "\nun café\n".encode("latin-1"))
+    with pytest.raises(UserError, match=f"{name} line 2: not UTF-8 text; save it as UTF-8"):
+        scan_image_folder(tmp_path)
+
+
+def test_json_lines_split_only_at_newlines(tmp_path: Path) -> None:
+    image(tmp_path / "a.png")
+    _metadata_jsonl(tmp_path, {"file_name": "a.png", "text": "one\u2028two"})
+    (tmp_path / "metadata.jsonl").write_text(
+        (tmp_path / "metadata.jsonl").read_text().replace("\\u2028", "\u2028")
+    )
+    assert scan_image_folder(tmp_path)[0].caption == "one\u2028two"
+
+
+@pytest.mark.parametrize(("size", "pixels"), [(40000, 1600000000), (10000, 100000000)])
+def test_images_over_the_pixel_limit_are_refused(tmp_path: Path, size: int, pixels: int) -> None:
+    """40000^2 is past PIL's error threshold; 10000^2 only past its warning threshold."""
+    from bad_inputs_data import huge_png
+
+    path = tmp_path / "huge.png"
+    path.write_bytes(huge_png(size, size))
+    filters = list(warnings.filters)
+    message = f"image .*huge.png has {pixels} pixels, more than the limit of .*; downscale it"
+    with pytest.raises(UserError, match=message):
+        check_image_file(path)
+    with pytest.raises(UserError, match=message):
+        load_rgb(path)
+    assert warnings.filters == filters  # refused locally, the process's filters unchanged
+
+
+def test_skip_mode_drops_an_image_over_the_pixel_limit(tmp_path: Path) -> None:
+    from bad_inputs_data import huge_png
+
+    (tmp_path / "huge.png").write_bytes(huge_png())
+    image(tmp_path / "fine.png")
+    examples = [Example(tmp_path / "huge.png", "a"), Example(tmp_path / "fine.png", "b")]
+    kept, skipped = drop_unreadable(examples)
+    assert kept == examples[1:]
+    assert [path for path, _ in skipped] == [tmp_path / "huge.png"]
+    assert "1600000000 pixels" in skipped[0][1]

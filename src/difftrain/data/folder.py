@@ -9,13 +9,21 @@ Two layouts, as users already have them:
 from __future__ import annotations
 
 import csv
+import io
 import json
+import posixpath
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from difftrain.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+_DRIVE = re.compile(r"^[A-Za-z]:")
+VALUE_CHECKED_MODES = {"I", "F"}
 
 
 @dataclass(frozen=True)
@@ -80,25 +88,72 @@ def check_image_file(path: Path) -> None:
 
     PIL's `verify` reads the file without decoding it (about 0.3 ms for a 512 px PNG): it
     catches garbage and truncated PNGs. What it cannot see (a damaged JPEG body) fails when
-    the image is decoded, with the same kind of message.
+    the image is decoded, with the same kind of message. Images whose pixel values decide
+    whether they can be used (32-bit int and float modes, rare) are decoded now too.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with refuse_huge_images(path), Image.open(path) as image:
+            mode = image.mode
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserError(
             f"data.train_dir: cannot read image {path} ({exc}); replace or remove the file"
         ) from None
+    if mode in VALUE_CHECKED_MODES:
+        from difftrain.data.transforms import load_rgb
+
+        load_rgb(path)
+
+
+@contextmanager
+def refuse_huge_images(path: Path) -> Iterator[None]:
+    """Turn PIL's decompression-bomb guard into a one-line UserError naming `path`.
+
+    PIL raises above 2x `Image.MAX_IMAGE_PIXELS` but only warns between 1x and 2x, and a
+    warning would let a 100-megapixel image be decoded at every step: both are refused. The
+    warning becomes an error only inside this block, not for the whole process (the user's
+    own code and other libraries keep their filters). `catch_warnings` is not thread-safe;
+    images are decoded one at a time per process (DataLoader workers are processes).
+    """
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            yield
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            pixels = found.group(1) if found else "too many"
+            raise UserError(
+                f"data.train_dir: image {path} has {pixels} pixels, more than the limit of "
+                f"{Image.MAX_IMAGE_PIXELS} (PIL's decompression-bomb guard); downscale it or "
+                "remove the file"
+            ) from None
+
+
+def read_utf8(path: Path) -> str:
+    """The text of `path`; a file in another encoding fails naming the file and line.
+
+    Decoding with a guessed encoding would train on mojibake captions. A UTF-8 BOM (what
+    Windows tools write) is accepted and dropped, so it does not end up in a column name.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path} line {line}: not UTF-8 text; save it as UTF-8") from None
 
 
 def _read_rows(metadata: Path) -> list[tuple[int, dict]]:
+    text = read_utf8(metadata)
     if metadata.suffix == ".csv":
-        with open(metadata, newline="", encoding="utf-8") as handle:
-            return [(i + 2, row) for i, row in enumerate(csv.DictReader(handle))]
+        return _read_csv_rows(metadata, text)
     rows = []
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+    # Not splitlines(): it also splits at U+2028 and friends, which JSON allows inside strings.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -113,6 +168,53 @@ def _read_rows(metadata: Path) -> list[tuple[int, dict]]:
     return rows
 
 
+def _read_csv_rows(metadata: Path, text: str) -> list[tuple[int, dict]]:
+    """Rows with the line each ends on (a quoted caption may span lines; blank lines skip)."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        for row in reader:
+            rows.append((reader.line_num, row))
+    except csv.Error as exc:
+        raise UserError(
+            f"{metadata} line {reader.line_num}: invalid CSV ({exc}); fix that line"
+        ) from None
+    return rows
+
+
+def _image_path(folder: Path, value: object, where: str) -> Path:
+    """The image a `file_name` names, checked by its text alone before any filesystem call.
+
+    A metadata file must not make difftrain open (or even look at) a file outside the folder,
+    so absolute paths and `..` that climbs out are refused. Backslashes count as separators:
+    metadata written on Windows uses them, and `..\\x.png` must not slip through here because
+    it is an ordinary name on Linux. The name is normalised lexically (`a/../x.png` is
+    `x.png`) and that is what is opened: the OS would resolve `a/..` through `a` when `a` is
+    a symlink. Symlinks the user put inside the folder are otherwise followed as usual.
+    """
+    if not isinstance(value, str):
+        raise UserError(
+            f"{where}: file_name must be text (a path relative to the folder), got {value!r}"
+        )
+    if "\0" in value:
+        raise UserError(f"{where}: file_name {value!r} contains a NUL byte; remove it")
+    name = value.replace("\\", "/")
+    if name.startswith("/") or _DRIVE.match(name):
+        raise UserError(
+            f"{where}: file_name {value!r} is an absolute path; give the path relative to "
+            f"data.train_dir ({folder})"
+        )
+    name = posixpath.normpath(name)
+    if name == ".." or name.startswith("../"):
+        raise UserError(
+            f"{where}: file_name {value!r} points outside data.train_dir ({folder}); move the "
+            "image into the folder and give its path relative to it"
+        )
+    if name == ".":
+        raise UserError(f"{where}: file_name {value!r} names no file; give the image's name")
+    return folder / name
+
+
 def _from_metadata(folder: Path, metadata: Path, caption_column: str) -> list[Example]:
     examples = []
     for number, row in _read_rows(metadata):
@@ -125,7 +227,7 @@ def _from_metadata(folder: Path, metadata: Path, caption_column: str) -> list[Ex
                 f"{where}: no caption column {caption_column!r}; set data.caption_column to "
                 f"one of: {columns}"
             )
-        image_path = folder / str(row["file_name"])
+        image_path = _image_path(folder, row["file_name"], where)
         if not image_path.is_file():
             raise UserError(f"{where}: image {image_path} does not exist; fix file_name or add it")
         caption = row[caption_column]
@@ -144,5 +246,5 @@ def _from_caption_files(folder: Path) -> list[Example]:
                 f"data.train_dir: image {image_path} has no caption file {caption_path.name}; "
                 "add one, or describe all images in a metadata.jsonl"
             )
-        examples.append(Example(image_path, caption_path.read_text(encoding="utf-8").strip()))
+        examples.append(Example(image_path, read_utf8(caption_path).strip()))
     return examples

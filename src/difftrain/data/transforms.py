@@ -13,19 +13,94 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from difftrain.data.folder import refuse_huge_images
 from difftrain.errors import UserError
+
+_ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Open an image fully (so a truncated file fails here, naming the file) as RGB."""
+    """Open an image fully (so a truncated file fails here, naming the file) as 8-bit RGB."""
     try:
-        with Image.open(path) as image:
+        with refuse_huge_images(path), Image.open(path) as image:
             image.load()
-            return ImageOps.exif_transpose(image).convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(image), path)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserError(
             f"data.train_dir: cannot read image {path} ({exc}); replace or remove the file"
         ) from None
+
+
+def to_rgb(image: Image.Image, path: Path) -> Image.Image:
+    """`image` as 8-bit RGB with its values kept, or a UserError naming `path`.
+
+    PIL's own `convert("RGB")` clips high-bit-depth modes to 0..255, so a 16-bit PNG would
+    train as all white and a float TIFF as all black: those modes are scaled here instead.
+    Transparent pixels are composited onto white: the colour hidden under them is arbitrary
+    (often black), and white is the common choice for cut-out images.
+    """
+    mode = image.mode
+    if mode.startswith("I;16"):
+        return _grey(_scale_16_bit(np.asarray(image)))
+    if mode == "I":
+        return _grey(_int_to_8_bit(np.asarray(image), path))
+    if mode == "F":
+        return _grey(_float_to_8_bit(np.asarray(image), path))
+    try:
+        if _has_alpha(image):
+            return _onto_white(image)
+        return image.convert("RGB")
+    except ValueError:  # a mode PIL cannot convert (La has no converter)
+        raise UserError(
+            f"data.train_dir: image {path} has colour mode {mode}, which difftrain cannot "
+            "convert to RGB; save it as 8-bit RGB"
+        ) from None
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    """An alpha channel, or (1, L, P, RGB) a transparency key or an RGBA palette instead."""
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        return True
+    return image.mode == "P" and image.palette is not None and image.palette.mode == "RGBA"
+
+
+def _grey(values: np.ndarray) -> Image.Image:
+    return Image.fromarray(values.astype(np.uint8)).convert("RGB")
+
+
+def _scale_16_bit(values: np.ndarray) -> np.ndarray:
+    """0..65535 to 0..255, rounded (integer maths: no float copy of a large image)."""
+    return (values.astype(np.uint32) * 255 + 32767) // 65535
+
+
+def _int_to_8_bit(values: np.ndarray, path: Path) -> np.ndarray:
+    """Mode I carries no bit depth: values up to 255 are taken as 8-bit, up to 65535 as 16."""
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high > 65535:
+        raise UserError(
+            f"data.train_dir: image {path} has 32-bit integer pixels from {low} to {high}, "
+            "outside 0..65535; convert the image to 8-bit"
+        )
+    return values if high <= 255 else _scale_16_bit(values)
+
+
+def _float_to_8_bit(values: np.ndarray, path: Path) -> np.ndarray:
+    """Only 0..1 has an obvious meaning for float pixels; any other range would be a guess."""
+    finite = np.isfinite(values).all()
+    low, high = (float(values.min()), float(values.max())) if finite else (0.0, 0.0)
+    if not finite or low < 0.0 or high > 1.0:
+        found = f"from {low:g} to {high:g}" if finite else "that are NaN or infinite"
+        raise UserError(
+            f"data.train_dir: image {path} has float pixels {found}, not in 0..1; convert the "
+            "image to 8-bit"
+        )
+    return np.rint(values * 255.0)
+
+
+def _onto_white(image: Image.Image) -> Image.Image:
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
 
 
 def preprocess(
