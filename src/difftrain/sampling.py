@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from difftrain.errors import UserError
+from difftrain.models.pipeline_checks import first_line
 
 
 def generate(
@@ -64,34 +67,45 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
     return text + "..."
 
 
-def load_pipeline(model_dir: str | Path, device: str | None = None):
-    """Load a diffusers pipeline folder (the output of `difftrain train`) for sampling."""
+def load_pipeline(model_dir: str | Path, device: str | None = None, *, label: str = "--model"):
+    """Load a diffusers pipeline folder (the output of `difftrain train`) for sampling.
+
+    The folder (or hub id) passes the same checks as a training source first, so a model that
+    needs custom code, or a broken one, is refused before anything loads.
+    """
     import torch
     from diffusers import DiffusionPipeline
 
-    from difftrain.models.loading import resolve_pretrained
+    from difftrain.config.schema import ModelConfig
+    from difftrain.models.loading import LOAD_ERRORS, check_model_source, safetensors_only
 
-    pipeline = DiffusionPipeline.from_pretrained(resolve_pretrained(str(model_dir)))
+    name = str(model_dir)
+    source = check_model_source(ModelConfig(pretrained=name), label=label)
+    # Safetensors for the whole pipeline when every weight folder has them: no pickle fallback.
+    parts = ("unet", "vae", "text_encoder")
+    only_safetensors = all(safetensors_only(source, None, part) for part in parts) or None
+    try:
+        with diffusers_logs_silenced():
+            pipeline = DiffusionPipeline.from_pretrained(source, use_safetensors=only_safetensors)
+    except LOAD_ERRORS as exc:
+        raise UserError(
+            f"{label}: could not load {name}: {first_line(exc)}; re-save or re-download the model"
+        ) from None
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def run_sample(args: argparse.Namespace) -> Path:
-    """`difftrain sample`: one image from a pipeline folder (optionally with a LoRA); returns
-    the path written."""
-    pipeline = load_pipeline(args.model, args.device)
-    if args.lora:
-        pipeline.load_lora_weights(args.lora)
-    (image,) = generate(
-        pipeline,
-        [args.prompt],
-        seed=args.seed,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        height=args.height,
-        width=args.width,
-    )
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    image.save(output)
-    return output
+@contextlib.contextmanager
+def diffusers_logs_silenced():
+    """diffusers logs a loading failure before raising it; the raised error is reported, once.
+
+    Without this the one-line error would come with the library's own multi-line copy.
+    """
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
