@@ -39,7 +39,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_validate_config(args: argparse.Namespace) -> int:
     from difftrain.config import resolve_run_config
-    from difftrain.training.run_dir import prepare_output_dir, write_run_description
+    from difftrain.training.run_dir import claim_output_dir, write_run_description
 
     cfg = resolve_run_config(
         args.config, args.set, output_dir=args.output_dir, deterministic=args.deterministic
@@ -47,12 +47,12 @@ def cmd_validate_config(args: argparse.Namespace) -> int:
     print(f"config OK: {args.config}")
     if args.output_dir is not None:
         output_dir = Path(cfg.train.output_dir)
-        prepare_output_dir(output_dir, cfg, overwrite=args.overwrite, training=False)
-        if cfg.train.deterministic:
-            from difftrain.training.determinism import configure_determinism
+        with claim_output_dir(output_dir, cfg, overwrite=args.overwrite, training=False):
+            if cfg.train.deterministic:
+                from difftrain.training.determinism import configure_determinism
 
-            configure_determinism(True)  # so env.json records the flags the run will use
-        write_run_description(output_dir, cfg)
+                configure_determinism(True)  # so env.json records the flags the run will use
+            write_run_description(output_dir, cfg)
         print(f"wrote {output_dir / 'config.yaml'} and {output_dir / 'env.json'}")
     return 0
 
@@ -79,7 +79,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from difftrain.sampling import run_sample
+    from difftrain.sample_command import run_sample
 
     output = run_sample(args)
     print(f"wrote {output}")
@@ -182,15 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--seed", type=int, default=0)
 
     sub = add("sample", cmd_sample, "generate one image from a pipeline folder", loads_models=True)
-    sub.add_argument("--model", required=True, help="pipeline folder (e.g. a training output)")
+    sub.add_argument(
+        "--model", required=True, help="pipeline folder (e.g. a training output) or hub id"
+    )
     sub.add_argument("--prompt", required=True)
-    sub.add_argument("--output", default="sample.png", help="PNG file to write")
+    sub.add_argument(
+        "--output", default="sample.png", help="image file to write (.png, .jpg, .webp ...)"
+    )
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--steps", type=int, default=25, help="inference steps")
     sub.add_argument("--guidance-scale", type=float, default=7.5)
-    sub.add_argument("--height", type=int)
-    sub.add_argument("--width", type=int)
-    sub.add_argument("--lora", help="folder with pytorch_lora_weights.safetensors to apply")
+    sub.add_argument("--height", type=int, help="multiple of 8 (default: the model's size)")
+    sub.add_argument("--width", type=int, help="multiple of 8 (default: the model's size)")
+    sub.add_argument(
+        "--lora", help="folder with pytorch_lora_weights.safetensors (or that file) to apply"
+    )
     sub.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
     sub = add(

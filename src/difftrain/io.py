@@ -79,3 +79,19 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """The reason, when `exc` is a failed write (disk full, permissions, I/O), else None.
+
+    A full disk shows as OSError from Python, RuntimeError from torch.save
+    ("PytorchStreamWriter failed ...") and SafetensorError from safetensors.
+    """
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if type(exc).__name__ == "SafetensorError" or (
+        isinstance(exc, RuntimeError) and "PytorchStreamWriter" in text
+    ):
+        return text
+    return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bad_input_table import Case, Workspace
 
 
@@ -47,6 +49,8 @@ def _bad_set(ws: Workspace) -> Case:
 def _other_run(ws: Workspace) -> Case:
     other = ws.folder("other_run")
     (other / "config.yaml").write_text("train: {seed: 12345}\n")
+    (other / ".difftrain-run.json").write_text('{"difftrain": "0.1.0"}\n')
+    (other / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
     return Case(
         ["train", "--config", ws.data_config("o"), "--output-dir", str(other)],
         "holds a different run",
@@ -120,6 +124,122 @@ def _infinite(key: str):
     return build
 
 
+def _not_a_run(ws: Workspace) -> Case:
+    # What used to be deleted from any folder: samples/, checkpoint-*, metrics.jsonl, .*.old
+    other = ws.folder("my_project")
+    for name in ("samples/cat.png", "checkpoint-1/notes.txt", "metrics.jsonl", ".cache.old"):
+        (other / name).parent.mkdir(parents=True, exist_ok=True)
+        (other / name).write_text("mine")
+    return Case(["train", "--config", ws.data_config("nr"), "--output-dir", str(other)],
+                "is not empty and holds no difftrain run")  # fmt: skip
+
+
+def _photos_in_samples(ws: Workspace) -> tuple:
+    photos = ws.folder("photos")
+    (photos / "samples").mkdir()
+    (photos / "samples" / "a.png").write_bytes((ws.data / "00000.png").read_bytes())
+    (photos / "samples" / "a.txt").write_text("a red circle")
+    return photos, ws.data_config("ph", data_dir=photos)
+
+
+def _output_is_the_data(overwrite: bool):
+    def build(ws: Workspace) -> Case:
+        photos, config = _photos_in_samples(ws)
+        flags = ["--overwrite"] if overwrite else []
+        return Case(["train", "--config", config, "--output-dir", str(photos), *flags],
+                    f"--output-dir {photos} is data.train_dir")  # fmt: skip
+
+    return build
+
+
+def _output_contains_the_data(ws: Workspace) -> Case:
+    return Case(
+        ["train", "--config", ws.data_config("cd"), "--output-dir", str(ws.root), "--overwrite"],
+        f"--output-dir {ws.root} contains data.train_dir",
+    )
+
+
+def _output_is_the_model(ws: Workspace) -> Case:
+    config = ws.data_config("om", f"model: {{pretrained: '{ws.model}'}}\n")
+    return Case(["train", "--config", config, "--output-dir", str(ws.model), "--overwrite"],
+                "is model.pretrained")  # fmt: skip
+
+
+def _empty_output_dir(ws: Workspace) -> Case:
+    return Case(["train", "--config", ws.data_config("eo"), "--output-dir", ""],
+                "train.output_dir: must name a folder", cwd=ws.root)  # fmt: skip
+
+
+def _output_parent_is_a_file(ws: Workspace) -> Case:
+    (ws.root / "afile").write_text("x")
+    return Case(
+        ["train", "--config", ws.data_config("pf"), "--output-dir", str(ws.root / "afile" / "o")],
+        "cannot create it",
+    )
+
+
+def _output_not_writable(ws: Workspace) -> Case:
+    # As root, permissions do not stop a write: make the lock file's open fail as it would.
+    from difftrain.training import output_lock
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    return Case(["train", "--config", ws.data_config("nw"), *ws.out],
+                "cannot write there (Permission denied)", may_create=("out",),
+                patch=lambda mp: mp.setattr(output_lock, "open", refuse, raising=False))  # fmt: skip
+
+
+def _output_in_use(ws: Workspace) -> Case:
+    from difftrain.training.output_lock import OutputLock
+
+    busy = ws.folder("busy")
+    holder = OutputLock(busy).acquire()  # released when the case (and so `holder`) goes
+    case = Case(["train", "--config", ws.data_config("iu"), "--output-dir", str(busy)],
+                f"--output-dir {busy} is in use by process")  # fmt: skip
+    case.keep_alive = holder
+    return case
+
+
+def _broken_run(ws: Workspace) -> Path:
+    run = ws.folder("broken_run")
+    (run / ".difftrain-run.json").write_text('{"difftrain": "0.2.0"}\n')
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    (run / "checkpoint-4").mkdir()
+    (run / "checkpoint-4" / "optimizer.pt").write_bytes(b"state")
+    (run / "checkpoint-2").mkdir()
+    (run / "checkpoint-2" / "manifest.json").write_text("{not json")
+    return run
+
+
+def _latest_with_no_intact_checkpoint(ws: Workspace) -> Case:
+    run = _broken_run(ws)
+    return Case(
+        ["train", "--config", ws.data_config("li"), "--output-dir", str(run),
+         "--resume-from-checkpoint", "latest"],
+        f"no checkpoint in {run} passes verification (checkpoint-4: no manifest.json; "
+        "checkpoint-2: manifest.json is unreadable)",
+    )  # fmt: skip
+
+
+def _resume_past_max_steps(ws: Workspace) -> Case:
+    from difftrain.config import dump_config, resolve_run_config
+    from difftrain.training.checkpoint import write_manifest
+
+    config = ws.data_config("pm", "train: {max_steps: 2}\n")
+    run = ws.folder("long_run")
+    checkpoint = run / "checkpoint-4"
+    checkpoint.mkdir()
+    dump_config(resolve_run_config(config, output_dir=str(run)), checkpoint / "config.yaml")
+    (checkpoint / "training_state.json").write_text('{"format_version": 2}\n')
+    write_manifest(checkpoint, 4)
+    return Case(
+        ["train", "--config", config, "--output-dir", str(run),
+         "--resume-from-checkpoint", str(checkpoint)],
+        "train.max_steps is 2 but checkpoint-4 is at step 4",
+    )  # fmt: skip
+
+
 CASES = {
     "config: missing file": _missing_config,
     "config: invalid YAML": _invalid_yaml,
@@ -135,6 +255,17 @@ CASES = {
     "output: holds a different run": _other_run,
     "output: holds a foreign pipeline": _foreign_pipeline,
     "resume: not a checkpoint": _non_checkpoint,
+    "resume: latest, but no checkpoint verifies": _latest_with_no_intact_checkpoint,
+    "resume: max_steps below the checkpoint's step": _resume_past_max_steps,
+    "output: a non-empty folder that is no run": _not_a_run,
+    "output: is the data folder": _output_is_the_data(overwrite=False),
+    "output: is the data folder, with --overwrite": _output_is_the_data(overwrite=True),
+    "output: contains the data folder": _output_contains_the_data,
+    "output: is the base model": _output_is_the_model,
+    "output: empty --output-dir": _empty_output_dir,
+    "output: parent is a file": _output_parent_is_a_file,
+    "output: not writable": _output_not_writable,
+    "output: in use by another run": _output_in_use,
     "lora: unknown target module": _unknown_lora_target,
     "validation: timestep out of range": _validation_timestep,
     "make-dummy-data: into a full folder": _dummy_data_into_full_folder,

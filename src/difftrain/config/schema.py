@@ -44,6 +44,12 @@ def _timesteps(value: Any) -> str | None:
     return None
 
 
+def _folder_name(value: Any) -> str | None:
+    if not str(value).strip():
+        return "must name a folder (an empty value would mean the current folder); pass a path"
+    return None
+
+
 def _required(value: Any) -> str | None:
     return "is required" if value in (None, "") else None
 
@@ -99,7 +105,7 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    output_dir: str = "outputs/run"
+    output_dir: str = _checked("outputs/run", _folder_name)
     """Where the run writes everything; `--output-dir` overrides it."""
 
     seed: int = _checked(0, _seed)

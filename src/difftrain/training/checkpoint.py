@@ -4,7 +4,7 @@ A checkpoint is written under `.checkpoint-N.partial`, gets `manifest.json` (eve
 its size and sha256) last, and only then is renamed to `checkpoint-N`. A folder without a
 manifest that matches its files is never taken for a checkpoint (resuming checks the hashes
 too), so a run killed mid-write leaves at worst a `.partial` folder, removed when the run
-starts again.
+starts again. A corrupt checkpoint is never deleted: at most renamed aside.
 
 Every process writes its own RNG state; only the main process writes the rest, the manifest
 and the rename (one process and DDP; FSDP / DeepSpeed need sharded model saving, not written
@@ -15,13 +15,14 @@ formats, so a checkpoint's UNet or LoRA loads into the base pipeline on its own.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from difftrain.errors import StorageFull
-from difftrain.io import atomic_write_json, replace_path, sha256_file
+from difftrain.io import atomic_write_json, replace_path, sha256_file, storage_failure
 from difftrain.training.state import FORMAT_VERSION, save_rng_state
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -42,53 +43,85 @@ def write_manifest(folder: Path, step: int) -> None:
     atomic_write_json(folder / MANIFEST, manifest)
 
 
-def is_complete(folder: Path, verify_hashes: bool = False) -> bool:
-    """True when `folder` has a manifest and every file it lists, with matching size (and hash)."""
+def verify_checkpoint(folder: Path, verify_hashes: bool = True) -> str | None:
+    """Why `folder` is not a checkpoint to resume from, or None when it is one.
+
+    Checks that the manifest lists files that are all there with their sizes (and, with
+    `verify_hashes`, their sha256), and that the checkpoint's format is this difftrain's.
+    """
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        for name, facts in manifest["files"].items():
+        files = manifest["files"]
+        for name, facts in files.items():
             path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
             if path.stat().st_size != facts["bytes"]:
-                return False
+                return f"{name} has {path.stat().st_size} bytes, the manifest says {facts['bytes']}"
             if verify_hashes and sha256_file(path) != facts["sha256"]:
-                return False
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return True
+                return f"{name} does not match its sha256"
+    except FileNotFoundError:
+        return f"no {MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is unreadable"
+    version = manifest.get("format_version", 1)
+    if version != FORMAT_VERSION:
+        return f"format {version}, and this difftrain resumes format {FORMAT_VERSION} only"
+    return None
+
+
+def is_complete(folder: Path, verify_hashes: bool = False) -> bool:
+    """True when `folder` has a manifest and every file it lists, with matching size (and hash)."""
+    return verify_checkpoint(folder, verify_hashes) is None
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run (sizes checked, not hashes), oldest first."""
+    return [(step, path) for step, path in checkpoint_folders(output_dir) if is_complete(path)]
+
+
+def checkpoint_folders(output_dir: Path) -> list[tuple[int, Path]]:
+    """Every `checkpoint-N` folder, complete or not, oldest first."""
     if not output_dir.is_dir():
         return []
     found = []
     for path in output_dir.iterdir():
         match = CHECKPOINT_PATTERN.match(path.name)
-        if match and path.is_dir() and is_complete(path):
+        if match and path.is_dir():
             found.append((int(match.group(1)), path))
     return sorted(found)
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:
-    """Delete the oldest checkpoints until at most `keep` remain; returns what went.
+    """Delete the oldest complete checkpoints until at most `keep` remain; returns what went.
 
-    Incomplete `checkpoint-N` folders older than the newest complete one go too: they are
-    what a kill during an earlier prune left, and can never be resumed from.
+    Each is renamed to `.checkpoint-N.deleting` before it is deleted, so a kill mid-delete
+    leaves a name that is never taken for a checkpoint (and is cleared when a run starts).
+    An incomplete `checkpoint-N` is never deleted: it may be the only copy of something.
     """
     checkpoints = list_checkpoints(output_dir)
     doomed = [path for _, path in checkpoints[: max(0, len(checkpoints) - keep)]]
-    if checkpoints:
-        complete = {path for _, path in checkpoints}
-        doomed += [
-            path
-            for path in output_dir.glob("checkpoint-*")
-            if path not in complete
-            and (match := CHECKPOINT_PATTERN.match(path.name))
-            and int(match.group(1)) < checkpoints[-1][0]
-        ]
     for path in doomed:
-        shutil.rmtree(path)
+        delete_checkpoint(path)
     return doomed
+
+
+def delete_checkpoint(path: Path) -> None:
+    going = path.with_name(f".{path.name}.deleting")
+    shutil.rmtree(going, ignore_errors=True)
+    os.replace(path, going)
+    shutil.rmtree(going)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a corrupt checkpoint to `checkpoint-N.corrupt` (never deleted, never resumed)."""
+    target = path.with_name(f"{path.name}.corrupt")
+    number = 1
+    while target.exists():
+        number += 1
+        target = path.with_name(f"{path.name}.corrupt-{number}")
+    os.replace(path, target)
+    return target
 
 
 def save_checkpoint(
@@ -123,25 +156,17 @@ def save_checkpoint(
             if total_limit is not None:
                 prune_checkpoints(output_dir, keep=total_limit)
         accelerator.wait_for_everyone()
-    except (OSError, RuntimeError, *_serialization_errors()) as exc:
-        # A full disk shows as OSError from Python, RuntimeError from torch.save
-        # ("PytorchStreamWriter failed") or SafetensorError from safetensors.
+    except Exception as exc:
+        reason = storage_failure(exc)
+        if reason is None:
+            raise
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
         raise StorageFull(
             f"could not write checkpoint {final} ({reason}); earlier checkpoints "
             "are intact; free space or fix permissions, then resume"
         ) from None
     return final
-
-
-def _serialization_errors() -> tuple[type[BaseException], ...]:
-    try:
-        from safetensors import SafetensorError
-    except ImportError:  # older safetensors
-        return ()
-    return (SafetensorError,)
 
 
 def save_trained_models(folder: Path, *, unet, text_encoder=None, lora: bool, ema=None) -> None:

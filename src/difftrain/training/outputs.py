@@ -16,6 +16,8 @@ from difftrain.models.loading import PipelineComponents
 from difftrain.sampling import generate, image_grid
 from difftrain.training.modes import eval_mode
 
+MODEL_INDEX = "model_index.json"
+
 
 def save_final_pipeline(
     components: PipelineComponents, unet: torch.nn.Module, output_dir: Path
@@ -23,8 +25,9 @@ def save_final_pipeline(
     """Write the base pipeline with the trained UNet into `output_dir`, in diffusers format.
 
     The other components are re-read from the base model, so they keep its files and dtype
-    (the run may have cast its copies to half precision). Every folder is written beside its
-    final place first and renamed in, so a crash never leaves a half-written component.
+    (the run may have cast its copies to half precision). Everything is written beside its
+    final place first and renamed in (`publish_pipeline`), so a crash never leaves a
+    half-written component or a `model_index.json` without its components.
     """
     from diffusers import DiffusionPipeline
 
@@ -38,10 +41,24 @@ def save_final_pipeline(
     staging = Path(tempfile.mkdtemp(prefix=".final.", dir=output_dir))
     try:
         pipeline.save_pretrained(str(staging), safe_serialization=True)
-        for item in sorted(staging.iterdir()):
-            replace_path(item, output_dir / item.name)
+        publish_pipeline(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_pipeline(staging: Path, output_dir: Path) -> None:
+    """Move a saved pipeline from `staging` into `output_dir` so that a folder with a
+    `model_index.json` is always a complete pipeline, whenever the process dies.
+
+    An old `model_index.json` goes first (the folder stops being a pipeline), each component
+    folder is renamed in whole, and the new `model_index.json` comes last.
+    """
+    index = MODEL_INDEX
+    (output_dir / index).unlink(missing_ok=True)
+    for item in sorted(staging.iterdir()):
+        if item.name != index:
+            replace_path(item, output_dir / item.name)
+    os.replace(staging / index, output_dir / index)
 
 
 def inference_pipeline(components: PipelineComponents, unet: torch.nn.Module):

@@ -1,12 +1,16 @@
 """The output folder of a run: claim it safely, and write what describes the run.
 
-A folder is only written into when it is new, empty, or holds the same run (the same resolved
-config). A folder holding a different run, or a pipeline difftrain did not write, is refused
-unless the user says `--overwrite`, so nothing already on disk is lost by accident.
+difftrain deletes only what it wrote itself, in a folder that records a difftrain run, while
+it holds that folder's lock. A folder is written into when it is new, empty, or records the
+same run (the same resolved config). A folder holding a different run, a pipeline difftrain
+did not write, or anything else is refused unless the user says `--overwrite`; and in a
+folder that records no run, even `--overwrite` deletes nothing. An output folder that is,
+contains or sits inside the training data (or the base model) is always refused.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,35 +19,146 @@ import yaml
 from difftrain.config import Config, config_to_dict, dump_config
 from difftrain.errors import UserError
 from difftrain.io import atomic_write_json
+from difftrain.training.checkpoint import CHECKPOINT_PATTERN
+from difftrain.training.output_lock import LOCK_FILE, OutputLock
 
-TRAINING_ARTIFACTS = ("metrics.jsonl", "checkpoint-*", "samples", "skipped_images.txt")
-# Left by a process killed mid-write; never part of a valid run, so always safe to remove.
-STALE_PARTIALS = (".checkpoint-*.partial", ".final.*", ".*.old")
+RUN_MARKER = ".difftrain-run.json"
+"""Written into every folder difftrain claims: what makes it a difftrain run folder."""
+# Left by a process killed mid-write; never part of a valid run.
+STALE_PARTIALS = (
+    ".checkpoint-*.partial", ".checkpoint-*.deleting", ".final.*", ".lora.*", ".*.old", ".*.tmp"
+)  # fmt: skip
+TRAINING_ARTIFACTS = ("metrics.jsonl", "skipped_images.txt", "logs/wandb-run-id")
+FINAL_OUTPUTS = (
+    "model_index.json",  # first: without it the folder no longer looks like a pipeline
+    "unet", "vae", "text_encoder", "tokenizer", "scheduler", "pytorch_lora_weights.safetensors",
+    "README.md",
+)  # fmt: skip
+HOW_TO_REPLACE = "pass --overwrite to replace it, or choose another --output-dir"
 
 
-def prepare_output_dir(
+def claim_output_dir(
     output_dir: Path, cfg: Config, *, overwrite: bool, training: bool, resuming: bool = False
-) -> None:
-    """Refuse a folder that holds something else; clear old training artifacts when allowed.
+) -> OutputLock:
+    """Check the folder, lock it, mark it as a run and clear what the new run replaces.
 
     `training` is False for validate-config, which only writes config.yaml and env.json.
-    `resuming` keeps the run's artifacts: the checkpoint's config was checked already.
+    `resuming` (in the checkpoint's own folder) keeps the run's artifacts. Every check runs
+    before anything is written, so a refused folder is left exactly as it was. The caller
+    releases the returned lock when the run ends.
     """
+    is_run = check_output_dir(
+        output_dir, cfg, overwrite=overwrite, training=training, resuming=resuming
+    )
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"--output-dir {output_dir}: cannot create it ({exc.strerror}); choose a folder "
+            "you can write to"
+        ) from None
+    lock = OutputLock(output_dir).acquire()
+    try:
+        if not (output_dir / RUN_MARKER).exists():
+            from difftrain import __version__
+
+            atomic_write_json(output_dir / RUN_MARKER, {"difftrain": __version__})
+        if is_run:
+            _remove(output_dir, STALE_PARTIALS)
+            if training and not resuming:
+                _remove_training_artifacts(output_dir)
+                if overwrite:
+                    _remove(output_dir, FINAL_OUTPUTS)
+    except OSError as exc:
+        lock.release()
+        raise UserError(
+            f"--output-dir {output_dir}: cannot write there ({exc.strerror}); choose a folder "
+            "you can write to"
+        ) from None
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def check_output_dir(
+    output_dir: Path, cfg: Config, *, overwrite: bool, training: bool, resuming: bool
+) -> bool:
+    """Refuse a folder the run must not use (writing nothing); True when it records a run."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output-dir {output_dir} is a file; choose a folder")
-    if output_dir.is_dir() and not overwrite and not resuming:
+    _refuse_overlap_with_inputs(output_dir, cfg)
+    if not output_dir.is_dir():
+        return False
+    is_run = records_a_run(output_dir)
+    if overwrite or resuming:
+        return is_run
+    if is_run:
         _refuse_other_runs(output_dir, cfg, training=training)
-    doomed = STALE_PARTIALS + (TRAINING_ARTIFACTS if training and not resuming else ())
-    for pattern in doomed:
-        for path in output_dir.glob(pattern):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    elif (output_dir / "model_index.json").exists():
+        raise UserError(
+            f"--output-dir {output_dir} holds a pipeline difftrain did not write; {HOW_TO_REPLACE}"
+        )
+    elif any(path.name != LOCK_FILE for path in output_dir.iterdir()):
+        raise UserError(
+            f"--output-dir {output_dir} is not empty and holds no difftrain run; choose a new "
+            "or empty folder, or pass --overwrite to write into it (nothing in it is deleted)"
+        )
+    return is_run
+
+
+def records_a_run(folder: Path) -> bool:
+    """True for a folder difftrain claimed: its marker, or (difftrain 0.1) a config.yaml
+    beside an env.json that names difftrain."""
+    if (folder / RUN_MARKER).is_file():
+        return True
+    try:
+        env = json.loads((folder / "env.json").read_text(encoding="utf-8"))
+        return (folder / "config.yaml").is_file() and "difftrain" in env.get("packages", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _refuse_overlap_with_inputs(output_dir: Path, cfg: Config) -> None:
+    """The run writes (and with --overwrite deletes) in its folder: never among its inputs."""
+    inputs = {"data.train_dir": cfg.data.train_dir, "validation.loss_dir": cfg.validation.loss_dir}
+    if Path(cfg.model.pretrained).is_dir():
+        inputs["model.pretrained"] = cfg.model.pretrained
+    out = output_dir.resolve()
+    for key, value in inputs.items():
+        if not value:
+            continue
+        folder = Path(value).resolve()
+        if out == folder or folder.is_relative_to(out) or out.is_relative_to(folder):
+            relation = (
+                "is" if out == folder else "contains" if folder.is_relative_to(out) else "is inside"
+            )
+            raise UserError(
+                f"--output-dir {output_dir} {relation} {key} {value}: the run would write among "
+                "its own inputs; choose an output folder outside it"
+            )
+
+
+def _refuse_other_runs(output_dir: Path, cfg: Config, *, training: bool) -> None:
+    changed = run_differences(output_dir, cfg)
+    if changed:
+        raise UserError(
+            f"--output-dir {output_dir} holds a different run (differs in "
+            f"{', '.join(changed)}); {HOW_TO_REPLACE}"
+        )
+    done = [p.name for p in output_dir.glob("checkpoint-*")]
+    done += ["metrics.jsonl"] if (output_dir / "metrics.jsonl").exists() else []
+    if training and done and cfg.train.resume_from_checkpoint != "latest":
+        raise UserError(
+            f"--output-dir {output_dir} already holds a trained run ({', '.join(sorted(done))}); "
+            f"{HOW_TO_REPLACE}, or continue it with --resume-from-checkpoint latest"
+        )
 
 
 def run_differences(output_dir: Path, cfg: Config) -> list[str] | None:
     """Keys in which the run recorded in `output_dir/config.yaml` differs from `cfg`.
 
-    None when the folder records no run. Whether a run was started with
+    None when the folder records no config. Whether a run was started with
     --resume-from-checkpoint does not make it another run.
     """
     existing_config = output_dir / "config.yaml"
@@ -51,7 +166,7 @@ def run_differences(output_dir: Path, cfg: Config) -> list[str] | None:
         return None
     try:
         old = yaml.safe_load(existing_config.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
+    except (yaml.YAMLError, UnicodeDecodeError):
         old = {}
     if not isinstance(old, dict):
         old = {}
@@ -60,29 +175,6 @@ def run_differences(output_dir: Path, cfg: Config) -> list[str] | None:
         for key in differing_keys(old, config_to_dict(cfg))
         if key != "train.resume_from_checkpoint"
     ]
-
-
-def _refuse_other_runs(output_dir: Path, cfg: Config, *, training: bool) -> None:
-    how = "pass --overwrite to replace it, or choose another --output-dir"
-    changed = run_differences(output_dir, cfg)
-    if changed is not None:
-        if changed:
-            raise UserError(
-                f"--output-dir {output_dir} holds a different run (differs in "
-                f"{', '.join(changed)}); {how}"
-            )
-        done = [p.name for p in output_dir.glob("checkpoint-*")]
-        done += ["metrics.jsonl"] if (output_dir / "metrics.jsonl").exists() else []
-        if training and done and cfg.train.resume_from_checkpoint != "latest":
-            artifacts = ", ".join(sorted(done))
-            raise UserError(
-                f"--output-dir {output_dir} already holds a trained run ({artifacts}); "
-                f"{how}, or continue it with --resume-from-checkpoint latest"
-            )
-    elif (output_dir / "model_index.json").exists():
-        raise UserError(
-            f"--output-dir {output_dir} holds a pipeline difftrain did not write; {how}"
-        )
 
 
 def differing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -95,6 +187,31 @@ def differing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             keys.append(f"{prefix}{key}")
     return keys
+
+
+def _remove_training_artifacts(output_dir: Path) -> None:
+    """What a fresh start replaces: metrics, checkpoints, sample grids, tracker files."""
+    _remove(output_dir, TRAINING_ARTIFACTS)
+    for path in output_dir.glob("checkpoint-*"):
+        if CHECKPOINT_PATTERN.match(path.name) and path.is_dir():
+            shutil.rmtree(path)
+    samples = output_dir / "samples"
+    for grid in samples.glob("step-*.png"):
+        grid.unlink()
+    for events in (output_dir / "logs" / "tensorboard").glob("events.out.tfevents.*"):
+        events.unlink()
+    for folder in (samples, output_dir / "logs" / "tensorboard"):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _remove(output_dir: Path, patterns: tuple[str, ...]) -> None:
+    for pattern in patterns:
+        for path in output_dir.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def write_run_description(output_dir: Path, cfg: Config) -> dict[str, object]:

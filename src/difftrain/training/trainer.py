@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,32 +22,35 @@ import torch
 
 from difftrain.config import Config, config_to_dict, dump_config
 from difftrain.data.dataset import CaptionedImageDataset, build_dataloader
-from difftrain.data.folder import Example, drop_unreadable, scan_image_folder
-from difftrain.errors import TrainingInterrupted, TrainingStopped, UserError
-from difftrain.models.loading import PipelineComponents, check_model_source, load_components
+from difftrain.data.folder import Example
+from difftrain.errors import StorageFull, TrainingInterrupted, TrainingStopped
+from difftrain.io import storage_failure
+from difftrain.models.loading import PipelineComponents, load_components
 from difftrain.training.checkpoint import (
+    list_checkpoints,
     load_trained_models,
     save_checkpoint,
     save_trained_models,
 )
 from difftrain.training.determinism import configure_determinism, seed_everything
 from difftrain.training.loss import LossSettings, diffusion_loss
-from difftrain.training.metrics import truncate_metrics
 from difftrain.training.optim import build_lr_scheduler, build_optimizer
-from difftrain.training.resume import (
-    check_resume_config,
-    checkpoint_step,
-    drop_checkpoints_after,
-    find_resume_checkpoint,
+from difftrain.training.preflight import check_inputs
+from difftrain.training.resume import checkpoint_step, continue_in_place
+from difftrain.training.run_dir import claim_output_dir, write_run_description
+from difftrain.training.run_logging import (
+    attach_log_handlers,
+    detach_log_handlers,
+    report_skipped_images,
 )
-from difftrain.training.run_dir import prepare_output_dir, write_run_description
+from difftrain.training.signals import stop_signals
 from difftrain.training.state import (
     TrainingProgress,
     TrainingState,
     load_training_state,
     save_main_state,
 )
-from difftrain.training.tracking import build_tracker, check_tracker_available
+from difftrain.training.tracking import build_tracker
 
 logger = logging.getLogger("difftrain")
 
@@ -77,23 +79,8 @@ def train(
     from accelerate import Accelerator
 
     output_dir = Path(cfg.train.output_dir)
-    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on the CPU")
-    # Check what the user gave (data, model, checkpoint) before touching the output folder.
-    skip_bad = cfg.data.on_bad_image == "skip"
-    examples = scan_image_folder(cfg.data.train_dir, cfg.data.caption_column, check=not skip_bad)
-    examples, skipped = drop_unreadable(examples) if skip_bad else (examples, [])
-    check_model_source(cfg.model)
-    check_tracker_available(cfg.train.report_to)
-    if cfg.validation.loss_every_steps:
-        scan_image_folder(cfg.validation.loss_dir, cfg.data.caption_column)
-    if cfg.train.mixed_precision == "bf16" and torch.cuda.is_available():
-        if not torch.cuda.is_bf16_supported():
-            raise UserError("train.mixed_precision: this GPU has no bf16 support; use fp16 or no")
-    checkpoint = find_resume_checkpoint(cfg.train.resume_from_checkpoint, output_dir)
-    if checkpoint is not None:
-        check_resume_config(checkpoint, cfg, allow_config_change)
-
+    inputs = check_inputs(cfg, allow_config_change, overwrite=overwrite)
+    checkpoint = inputs.checkpoint
     configure_determinism(cfg.train.deterministic)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
@@ -103,51 +90,55 @@ def train(
     # Continuing in the checkpoint's own folder keeps that run's files; a checkpoint from
     # another folder starts this folder as any new run would (and may be refused).
     in_place = checkpoint is not None and checkpoint.parent == output_dir.resolve()
-    if main:
-        prepare_output_dir(output_dir, cfg, overwrite=overwrite, training=True, resuming=in_place)
-        if in_place:
-            # Steps after the checkpoint are about to be trained again: their lines, and any
-            # later checkpoints (a branch this resume abandons), go.
-            step = checkpoint_step(checkpoint)
-            truncate_metrics(output_dir / "metrics.jsonl", step)
-            for dropped in drop_checkpoints_after(output_dir, step):
-                logger.warning("removed %s: it follows the checkpoint resumed from", dropped)
-    accelerator.wait_for_everyone()
-    tracker = build_tracker(
-        main,
-        output_dir=output_dir,
-        report_to=cfg.train.report_to,
-        max_steps=cfg.train.max_steps,
-        start_step=checkpoint_step(checkpoint) if checkpoint is not None else 0,
-        run_config=config_to_dict(cfg),
-    )
-    # With a progress bar on the terminal, per-step lines go to logs/train.log only.
-    log_handlers = _attach_log_handlers(
-        output_dir / "logs" / "train.log", main, console_steps=not tracker.shows_progress
-    )
+    lock = tracker = None
+    log_handlers: list[logging.Handler] = []
     try:
         if main:
+            lock = claim_output_dir(
+                output_dir, cfg, overwrite=overwrite, training=True, resuming=in_place
+            )
+            if in_place:
+                continue_in_place(output_dir, checkpoint_step(checkpoint))
+        accelerator.wait_for_everyone()
+        tracker = build_tracker(
+            main,
+            output_dir=output_dir,
+            report_to=cfg.train.report_to,
+            max_steps=cfg.train.max_steps,
+            start_step=checkpoint_step(checkpoint) if checkpoint is not None else 0,
+            run_config=config_to_dict(cfg),
+        )
+        # With a progress bar on the terminal, per-step lines go to logs/train.log only.
+        log_handlers = attach_log_handlers(
+            output_dir / "logs" / "train.log", main, console_steps=not tracker.shows_progress
+        )
+        if main:
             write_run_description(output_dir, cfg)
-            _report_skipped_images(skipped, output_dir)
+            report_skipped_images(inputs.skipped, output_dir)
         seed_everything(cfg.train.seed)
-        run = TrainingRun(cfg, accelerator, load_components(cfg.model), examples, tracker)
+        run = TrainingRun(cfg, accelerator, load_components(cfg.model), inputs.examples, tracker)
         if checkpoint is not None:
             run.resume(checkpoint)
-        with _stop_signals() as received:
+        # Signals stay caught until the outputs are complete: a Ctrl-C during the final save
+        # is answered once the save is done, never by a half-written pipeline.
+        with stop_signals() as received:
             losses = run.train(received)
-        if main:
-            run.save_outputs()
-            run.write_model_card(losses)
-            kind = "LoRA weights" if cfg.lora.enabled else "pipeline"
-            logger.info("saved the trained %s to %s", kind, output_dir)
+            if main:
+                run.publish(losses)
+                kind = "LoRA weights" if cfg.lora.enabled else "pipeline"
+                logger.info("saved the trained %s to %s", kind, output_dir)
+            if received:
+                logger.warning("%s arrived after the last step: the outputs are complete",
+                               signal.Signals(received[0]).name)  # fmt: skip
         accelerator.wait_for_everyone()
         return TrainResult(output_dir, len(losses), losses, resumed_from=checkpoint)
     finally:
-        tracker.close()
+        if tracker is not None:
+            tracker.close()
         _release(accelerator)
-        for handler in log_handlers:
-            logging.getLogger("difftrain").removeHandler(handler)
-            handler.close()
+        detach_log_handlers(log_handlers)
+        if lock is not None:
+            lock.release()
 
 
 class TrainingRun:
@@ -526,7 +517,29 @@ class TrainingRun:
             sample_grid=self.last_grid,
         )
 
-    def save_outputs(self) -> None:
+    def publish(self, losses: list[float]) -> None:
+        """The final pipeline (or LoRA weights) and the model card in OUTPUT_DIR.
+
+        A failed write (a full disk) is one line naming the checkpoint that is still intact.
+        """
+        try:
+            self._save_outputs()
+            self.write_model_card(losses)
+        except Exception as exc:
+            reason = storage_failure(exc)
+            if reason is None:
+                raise
+            checkpoints = list_checkpoints(self.output_dir)
+            intact = (
+                f"{checkpoints[-1][1].name} is intact, continue from it with "
+                "--resume-from-checkpoint latest" if checkpoints else "no checkpoint was written"
+            )  # fmt: skip
+            raise StorageFull(
+                f"could not write the trained model to {self.output_dir} ({reason}); "
+                f"{intact} once you free space or fix permissions"
+            ) from None
+
+    def _save_outputs(self) -> None:
         """The final pipeline (full fine-tune) or adapter weights (LoRA) in OUTPUT_DIR."""
         unet = self.accelerator.unwrap_model(self.unet)
         if self.cfg.lora.enabled:
@@ -553,49 +566,12 @@ class TrainingRun:
         )
 
 
-@contextmanager
-def _stop_signals() -> Iterator[list[int]]:
-    """Record SIGINT / SIGTERM instead of dying mid-step; the loop stops at the step's end."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received  # signal handlers can only be set from the main thread
-        return
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.getsignal(sig) for sig in signals}
-
-    def record(signum, frame):
-        if not received:
-            logger.warning("%s received: stopping after this step", signal.Signals(signum).name)
-        received.append(signum)
-
-    for sig in signals:
-        signal.signal(sig, record)
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def _to(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     # Cast only when needed: diffusers warns about any dtype cast of its models.
     if model.dtype == dtype:
         model.to(device)
     else:
         model.to(device, dtype=dtype)
-
-
-def _report_skipped_images(skipped: list[tuple[Path, str]], output_dir: Path) -> None:
-    if not skipped:
-        return
-    lines = "".join(f"{path}\t{reason}\n" for path, reason in skipped)
-    (output_dir / "skipped_images.txt").write_text(lines, encoding="utf-8")
-    shown = ", ".join(path.name for path, _ in skipped[:5])
-    more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
-    logger.warning(
-        "skipped %d unreadable images (%s%s); all listed in %s",
-        len(skipped), shown, more, output_dir / "skipped_images.txt",
-    )  # fmt: skip
 
 
 def _release(accelerator) -> None:
@@ -607,30 +583,3 @@ def _release(accelerator) -> None:
 
         AcceleratorState._reset_state()
         GradientState._reset_state()
-
-
-def _attach_log_handlers(
-    path: Path, main_process: bool, *, console_steps: bool = True
-) -> list[logging.Handler]:
-    """Send the `difftrain` logger to stderr and (main process only) to `path`, for one run.
-
-    Attached per run and removed after it, so each run writes to the stderr and log file of
-    its own time (a notebook or a test may swap sys.stderr between runs).
-    """
-    root = logging.getLogger("difftrain")
-    root.setLevel(logging.INFO)
-    console = logging.StreamHandler()
-    console.setFormatter(logging.Formatter("%(message)s"))
-    if not console_steps:
-        console.addFilter(lambda record: not getattr(record, "per_step", False))
-    if not main_process:
-        console.setLevel(logging.WARNING)  # one process tells the story; others only warn
-    handlers: list[logging.Handler] = [console]
-    if main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path, mode="a", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        handlers.append(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    return handlers

@@ -1,0 +1,60 @@
+"""Everything checked before a run touches its output folder: data, model, checkpoint, options.
+
+A refused run leaves the disk exactly as it was, so every check that can fail on the user's
+input runs here, before the output folder is claimed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from difftrain.config import Config
+from difftrain.data.folder import Example, drop_unreadable, scan_image_folder
+from difftrain.errors import UserError
+from difftrain.models.loading import check_model_source
+from difftrain.training.resume import (
+    check_resume_config,
+    check_resume_steps,
+    find_resume_checkpoint,
+)
+from difftrain.training.run_dir import check_output_dir
+from difftrain.training.tracking import check_tracker_available
+
+
+@dataclass
+class CheckedInputs:
+    examples: list[Example]
+    skipped: list[tuple[Path, str]]
+    """Unreadable images left out under `data.on_bad_image: skip`, with the reason."""
+    checkpoint: Path | None
+    """The checkpoint to resume from, verified; None for a fresh start."""
+
+
+def check_inputs(
+    cfg: Config, allow_config_change: tuple[str, ...] = (), *, overwrite: bool = False
+) -> CheckedInputs:
+    """Check what the user gave; raise UserError on the first problem, writing nothing."""
+    train_cfg = cfg.train
+    if train_cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+    if train_cfg.mixed_precision == "bf16" and torch.cuda.is_available():
+        if not torch.cuda.is_bf16_supported():
+            raise UserError("train.mixed_precision: this GPU has no bf16 support; use fp16 or no")
+    skip_bad = cfg.data.on_bad_image == "skip"
+    examples = scan_image_folder(cfg.data.train_dir, cfg.data.caption_column, check=not skip_bad)
+    examples, skipped = drop_unreadable(examples) if skip_bad else (examples, [])
+    check_model_source(cfg.model)
+    check_tracker_available(train_cfg.report_to)
+    if cfg.validation.loss_every_steps:
+        scan_image_folder(cfg.validation.loss_dir, cfg.data.caption_column)
+    output_dir = Path(train_cfg.output_dir)
+    checkpoint = find_resume_checkpoint(train_cfg.resume_from_checkpoint, output_dir)
+    if checkpoint is not None:
+        check_resume_config(checkpoint, cfg, allow_config_change)
+        check_resume_steps(checkpoint, train_cfg.max_steps)
+    in_place = checkpoint is not None and checkpoint.parent == output_dir.resolve()
+    check_output_dir(output_dir, cfg, overwrite=overwrite, training=True, resuming=in_place)
+    return CheckedInputs(examples, skipped, checkpoint)

@@ -1,0 +1,39 @@
+"""SIGINT / SIGTERM during a run: recorded, answered at a safe point, never mid-write.
+
+The loop checks the record after each step (checkpoint, exit 130 / 143); during the final
+save the record just waits until the outputs are complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+logger = logging.getLogger("difftrain")
+
+
+@contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """Record SIGINT / SIGTERM instead of dying mid-step; the loop stops at the step's end."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # signal handlers can only be set from the main thread
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def record(signum, frame):
+        if not received:
+            logger.warning("%s received: stopping after this step", signal.Signals(signum).name)
+        received.append(signum)
+
+    for sig in signals:
+        signal.signal(sig, record)
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
