@@ -222,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_third_party(libraries_loaded_soon=args.loads_models)
     try:
+        # Inside the try: importing the libraries takes seconds, and Ctrl-C may land there.
+        quiet_third_party(libraries_loaded_soon=args.loads_models)
         return args.handler(args)
     except UserError as exc:
         print(f"difftrain: error: {exc}", file=sys.stderr)
