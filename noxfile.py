@@ -42,6 +42,7 @@ PYTEST_TMP = CI_DIR / "pytest_tmp"
 TORCH_VERSION = os.environ.get("DIFFTRAIN_TORCH_VERSION", "2.13.0")
 TORCH_MATRIX = os.environ.get("DIFFTRAIN_TORCH_MATRIX", "2.13.0=cpu,2.14.1=cu130")
 PYTORCH_INDEX = "https://download.pytorch.org/whl/{build}"
+RUFF_VERSION = "0.17.6"
 
 DETERMINISM_ENV = {
     "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
@@ -257,7 +258,9 @@ def matrix(session: nox.Session, torch_version: str, build: str) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff")
+    # Pinned: a new ruff release adds rules and changes formatting, which would fail CI on
+    # code nobody touched.
+    session.install(f"ruff=={RUFF_VERSION}")
     session.run("ruff", "check", "src", "tests", "scripts", "benchmarks", "noxfile.py")
     session.run("ruff", "format", "--check", "src", "tests", "scripts", "benchmarks", "noxfile.py")
 
