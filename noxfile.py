@@ -3,6 +3,7 @@ with its extras, exports the determinism variables, and tees its output to `_ci_
 
     nox -s unit                      # CPU, offline (the default session)
     nox -s integration               # CPU slow/integration tests (the runbook's scripts)
+    nox -s distributed               # several training processes (gloo on the CPU)
     nox -s gpu_smoke                 # 2-step training on a GPU; fills the checklist
     nox -s matrix                    # torch x CUDA build cells (see TORCH_MATRIX)
     nox -s lint
@@ -178,11 +179,23 @@ def unit(session: nox.Session) -> None:
 
 @nox.session
 def integration(session: nox.Session) -> None:
-    """CPU slow and integration tests: the runbook's debug path through its scripts."""
+    """CPU slow and integration tests: the runbook's debug path, fault tests."""
     install(session, TORCH_VERSION, torch_index_url())
     run_pytest(
-        session, "(slow or integration) and not cuda", "--run-slow", "--run-integration", "-v"
+        session,
+        "(slow or integration) and not cuda and not distributed",
+        "--run-slow",
+        "--run-integration",
+        "-v",
     )
+
+
+@nox.session
+def distributed(session: nox.Session) -> None:
+    """Multi-process training on the CPU (gloo): world-size invariance, resume on another
+    number of processes, signals, a dead process, two nodes on localhost."""
+    install(session, TORCH_VERSION, torch_index_url())
+    run_pytest(session, "distributed", "--run-slow", "--run-integration", "-v")
 
 
 @nox.session

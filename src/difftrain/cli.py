@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,10 @@ from difftrain.quiet import quiet_third_party
 
 def cmd_train(args: argparse.Namespace) -> int:
     from difftrain.config import resolve_run_config
+    from difftrain.launch import launch_processes, process_rank
+
+    if args.num_processes is not None and not os.environ.get("DIFFTRAIN_LAUNCHED"):
+        return launch_processes(args.num_processes, without_option(args.argv, "--num-processes"))
     from difftrain.training.trainer import train
 
     overrides = list(args.set)
@@ -33,8 +38,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     allowed = tuple(key for item in args.allow_config_change for key in item.split(",") if key)
     result = train(cfg, overwrite=args.overwrite, allow_config_change=allowed)
     final = f"; final loss {result.losses[-1]:.6f}" if result.losses else ""
-    print(f"trained {result.steps} steps{final}; outputs in {result.output_dir}")
+    if process_rank() == 0:
+        print(f"trained {result.steps} steps{final}; outputs in {result.output_dir}")
     return 0
+
+
+def without_option(argv: list[str], option: str) -> list[str]:
+    """`argv` (after the subcommand) without `option VALUE` / `option=VALUE`."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == option:
+            skip = True
+        elif not item.startswith(option + "="):
+            kept.append(item)
+    return kept
 
 
 def cmd_validate_config(args: argparse.Namespace) -> int:
@@ -151,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
         "train.resume_from_checkpoint)",
     )
     sub.add_argument(
+        "--num-processes",
+        type=int,
+        metavar="N",
+        help="train in N processes on this machine (one per GPU; CPU processes with gloo "
+        "when there is no GPU); see docs/distributed.md for accelerate launch and torchrun",
+    )
+    sub.add_argument(
         "--allow-config-change",
         action="append",
         default=[],
@@ -221,20 +247,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv[argv.index(args.command) + 1 :] if args.command in argv else []
+    # Under a launcher every process runs this; one of them speaks for all (they agree: the
+    # checks run once and their verdict is shared, see training/preflight.py).
+    speaks = _process_rank() == 0
     try:
         # Inside the try: importing the libraries takes seconds, and Ctrl-C may land there.
         quiet_third_party(libraries_loaded_soon=args.loads_models)
         return args.handler(args)
     except UserError as exc:
-        print(f"difftrain: error: {exc}", file=sys.stderr)
+        if speaks:
+            print(f"difftrain: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except TrainingStopped as exc:
-        print(f"difftrain: training stopped: {exc}", file=sys.stderr)
+        if speaks:
+            print(f"difftrain: training stopped: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("difftrain: interrupted", file=sys.stderr)
+        if speaks:
+            print("difftrain: interrupted", file=sys.stderr)
         return 130
+
+
+def _process_rank() -> int:
+    from difftrain.launch import process_rank
+
+    return process_rank()
 
 
 if __name__ == "__main__":

@@ -34,15 +34,14 @@ class CheckedInputs:
 
 
 def check_inputs(
-    cfg: Config, allow_config_change: tuple[str, ...] = (), *, overwrite: bool = False
+    cfg: Config,
+    allow_config_change: tuple[str, ...] = (),
+    *,
+    overwrite: bool = False,
+    num_processes: int = 1,
 ) -> CheckedInputs:
     """Check what the user gave; raise UserError on the first problem, writing nothing."""
     train_cfg = cfg.train
-    if train_cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on the CPU")
-    if train_cfg.mixed_precision == "bf16" and torch.cuda.is_available():
-        if not torch.cuda.is_bf16_supported():
-            raise UserError("train.mixed_precision: this GPU has no bf16 support; use fp16 or no")
     skip_bad = cfg.data.on_bad_image == "skip"
     examples = scan_image_folder(cfg.data.train_dir, cfg.data.caption_column, check=not skip_bad)
     examples, skipped = drop_unreadable(examples) if skip_bad else (examples, [])
@@ -53,8 +52,17 @@ def check_inputs(
     output_dir = Path(train_cfg.output_dir)
     checkpoint = find_resume_checkpoint(train_cfg.resume_from_checkpoint, output_dir)
     if checkpoint is not None:
-        check_resume_config(checkpoint, cfg, allow_config_change)
+        check_resume_config(checkpoint, cfg, allow_config_change, num_processes=num_processes)
         check_resume_steps(checkpoint, train_cfg.max_steps)
     in_place = checkpoint is not None and checkpoint.parent == output_dir.resolve()
     check_output_dir(output_dir, cfg, overwrite=overwrite, training=True, resuming=in_place)
     return CheckedInputs(examples, skipped, checkpoint)
+
+
+def check_precision(mixed_precision: str) -> None:
+    """Before the Accelerator is built: it would refuse these with a traceback of its own."""
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+    if mixed_precision == "bf16" and torch.cuda.is_available():
+        if not torch.cuda.is_bf16_supported():
+            raise UserError("train.mixed_precision: this GPU has no bf16 support; use fp16 or no")

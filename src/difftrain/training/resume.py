@@ -7,6 +7,7 @@ those keys explicitly. Settings that only shape the outputs may change freely.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from difftrain.training.checkpoint import (
 )
 from difftrain.training.metrics import truncate_metrics
 from difftrain.training.run_dir import differing_keys
+from difftrain.training.state import STATE_FILE
 
 logger = logging.getLogger("difftrain")
 
@@ -113,20 +115,44 @@ def checkpoint_step(path: Path) -> int:
     return int(CHECKPOINT_PATTERN.match(path.name).group(1))
 
 
-def check_resume_config(checkpoint: Path, cfg: Config, allowed: tuple[str, ...] = ()) -> None:
-    """Refuse to resume with a config that changes training, unless `allowed` names the keys."""
+def check_resume_config(
+    checkpoint: Path, cfg: Config, allowed: tuple[str, ...] = (), *, num_processes: int = 1
+) -> None:
+    """Refuse to resume with a config that changes training, unless `allowed` names the keys.
+
+    On another number of processes, `train.batch_size` and `train.gradient_accumulation_steps`
+    may change as long as the global batch (batch x accumulation x processes) stays the same:
+    every sample draws its randomness by its stream position, so that is the same run.
+    """
     saved = yaml.safe_load((checkpoint / "config.yaml").read_text(encoding="utf-8")) or {}
     changed = [
         key
         for key in differing_keys(saved, config_to_dict(cfg))
         if not _changeable(key) and key not in allowed
     ]
+    if _same_global_batch(checkpoint, saved, cfg, num_processes):
+        changed = [key for key in changed if key not in PER_PROCESS_BATCH_KEYS]
     if changed:
         keys = ",".join(changed)
         raise UserError(
             f"cannot resume from {checkpoint}: the config differs in {', '.join(changed)}; "
             f"restore those values, or pass --allow-config-change {keys} to resume anyway"
         )
+
+
+PER_PROCESS_BATCH_KEYS = ("train.batch_size", "train.gradient_accumulation_steps")
+
+
+def _same_global_batch(checkpoint: Path, saved: dict, cfg: Config, num_processes: int) -> bool:
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        train = saved["train"]
+        before = int(train["batch_size"]) * int(train["gradient_accumulation_steps"])
+        before *= int(state.get("num_processes", 1))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    now = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * num_processes
+    return before == now
 
 
 def _changeable(key: str) -> bool:

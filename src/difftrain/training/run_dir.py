@@ -214,11 +214,16 @@ def _remove(output_dir: Path, patterns: tuple[str, ...]) -> None:
                 path.unlink()
 
 
-def write_run_description(output_dir: Path, cfg: Config) -> dict[str, object]:
-    """`config.yaml` (resolved) and `env.json` (environment snapshot); returns the snapshot."""
+def write_run_description(
+    output_dir: Path, cfg: Config, processes: dict[str, object] | None = None
+) -> dict[str, object]:
+    """`config.yaml` (resolved) and `env.json` (environment snapshot, and how many processes
+    train); returns the snapshot."""
     from difftrain.environment import collect_environment
 
     dump_config(cfg, output_dir / "config.yaml")
     environment = collect_environment()
+    if processes is not None:
+        environment["processes"] = processes
     atomic_write_json(output_dir / "env.json", environment)
     return environment

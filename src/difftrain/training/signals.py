@@ -12,6 +12,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from difftrain.launch import process_rank
+
 logger = logging.getLogger("difftrain")
 
 
@@ -26,7 +28,7 @@ def stop_signals() -> Iterator[list[int]]:
     previous = {sig: signal.getsignal(sig) for sig in signals}
 
     def record(signum, frame):
-        if not received:
+        if not received and process_rank() == 0:  # one process says it for all
             logger.warning("%s received: stopping after this step", signal.Signals(signum).name)
         received.append(signum)
 

@@ -33,9 +33,15 @@ from difftrain.training.checkpoint import (
     save_trained_models,
 )
 from difftrain.training.determinism import configure_determinism, seed_everything
+from difftrain.training.distributed import (
+    peers_lost_is_one_line,
+    process_facts,
+    run_on_main,
+    sum_over_processes,
+)
 from difftrain.training.loss import LossSettings, diffusion_loss
 from difftrain.training.optim import build_lr_scheduler, build_optimizer
-from difftrain.training.preflight import check_inputs
+from difftrain.training.preflight import check_inputs, check_precision
 from difftrain.training.resume import checkpoint_step, continue_in_place
 from difftrain.training.run_dir import claim_output_dir, write_run_description
 from difftrain.training.run_logging import (
@@ -79,27 +85,42 @@ def train(
     from accelerate import Accelerator
 
     output_dir = Path(cfg.train.output_dir)
-    inputs = check_inputs(cfg, allow_config_change, overwrite=overwrite)
-    checkpoint = inputs.checkpoint
+    check_precision(cfg.train.mixed_precision)
     configure_determinism(cfg.train.deterministic)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
     )
     main = accelerator.is_main_process
-    # Continuing in the checkpoint's own folder keeps that run's files; a checkpoint from
-    # another folder starts this folder as any new run would (and may be refused).
-    in_place = checkpoint is not None and checkpoint.parent == output_dir.resolve()
     lock = tracker = None
     log_handlers: list[logging.Handler] = []
     try:
-        if main:
-            lock = claim_output_dir(
-                output_dir, cfg, overwrite=overwrite, training=True, resuming=in_place
+        # Checked once, on the main process (data scan, image and checkpoint hashes).
+        inputs = run_on_main(
+            accelerator,
+            lambda: check_inputs(
+                cfg, allow_config_change, overwrite=overwrite,
+                num_processes=accelerator.num_processes,
+            ),
+        )  # fmt: skip
+        checkpoint = inputs.checkpoint
+        # Continuing in the checkpoint's own folder keeps that run's files; a checkpoint from
+        # another folder starts this folder as any new run would (and may be refused).
+        in_place = checkpoint is not None and checkpoint.parent == output_dir.resolve()
+
+        held: list = []  # the lock stays with the main process; only the verdict is shared
+
+        def claim() -> None:
+            held.append(
+                claim_output_dir(
+                    output_dir, cfg, overwrite=overwrite, training=True, resuming=in_place
+                )
             )
             if in_place:
                 continue_in_place(output_dir, checkpoint_step(checkpoint))
-        accelerator.wait_for_everyone()
+
+        run_on_main(accelerator, claim)
+        lock = held[0] if held else None
         tracker = build_tracker(
             main,
             output_dir=output_dir,
@@ -113,7 +134,7 @@ def train(
             output_dir / "logs" / "train.log", main, console_steps=not tracker.shows_progress
         )
         if main:
-            write_run_description(output_dir, cfg)
+            write_run_description(output_dir, cfg, processes=process_facts(accelerator))
             report_skipped_images(inputs.skipped, output_dir)
         seed_everything(cfg.train.seed)
         run = TrainingRun(cfg, accelerator, load_components(cfg.model), inputs.examples, tracker)
@@ -121,7 +142,7 @@ def train(
             run.resume(checkpoint)
         # Signals stay caught until the outputs are complete: a Ctrl-C during the final save
         # is answered once the save is done, never by a half-written pipeline.
-        with stop_signals() as received:
+        with stop_signals() as received, peers_lost_is_one_line(accelerator):
             losses = run.train(received)
             if main:
                 run.publish(losses)
@@ -249,7 +270,10 @@ class TrainingRun:
         if cfg.validation.loss_every_steps:
             from difftrain.training.validation_loss import ValidationLoss
 
-            self.validation_loss = ValidationLoss(cfg, components, self.device, self.weight_dtype)
+            self.validation_loss = ValidationLoss(
+                cfg, components, self.device, self.weight_dtype,
+                rank=accelerator.process_index, world_size=accelerator.num_processes,
+            )  # fmt: skip
 
     def resume(self, checkpoint: Path) -> None:
         """Restore model, optimizer, LR schedule, RNG states and stream position."""
@@ -295,11 +319,14 @@ class TrainingRun:
 
     def train(self, stop_signals: list[int]) -> list[float]:
         cfg = self.cfg.train
+        processes = self.accelerator.num_processes
         logger.info(
-            "training %d steps on %d images (%s, %s prediction, batch %d x %d accumulation, %s)",
+            "training %d steps on %d images (%s, %s prediction, batch %d x %d accumulation x "
+            "%d process%s = %d images per step, %s)",
             cfg.max_steps, len(self.dataset), self.components.source,
-            self.loss_settings.prediction_type, cfg.batch_size,
-            cfg.gradient_accumulation_steps, self.device,
+            self.loss_settings.prediction_type, cfg.batch_size, cfg.gradient_accumulation_steps,
+            processes, "" if processes == 1 else "es",
+            cfg.batch_size * cfg.gradient_accumulation_steps * processes, self.device,
         )  # fmt: skip
         batches = iter(
             build_dataloader(
@@ -398,11 +425,14 @@ class TrainingRun:
         if self.validation_loss is None or self.progress.step % every:
             return None
         with self.accelerator.autocast():
-            return self.validation_loss(
+            total, count = self.validation_loss.partial_sums(
                 self.accelerator.unwrap_model(self.unet),
                 self.loss_settings.prediction_type,
                 self.alphas_cumprod,
             )
+        # Each process scored its share of the held-out images: add the shares up.
+        total, count = sum_over_processes(self.accelerator, total, count)
+        return total / count
 
     def _log_step(
         self, result: StepResult, val_loss: float | None, step_started: float, started: float

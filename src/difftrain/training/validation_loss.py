@@ -24,7 +24,19 @@ from difftrain.training.modes import eval_mode
 
 
 class ValidationLoss:
-    def __init__(self, cfg: Config, components, device: torch.device, weight_dtype: torch.dtype):
+    """The held-out loss; with several processes each scores its share of the images
+    (`partial_sums`) and the trainer adds the shares up."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        components,
+        device: torch.device,
+        weight_dtype: torch.dtype,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         validation = cfg.validation
         num_timesteps = components.noise_scheduler.config.num_train_timesteps
         if max(validation.loss_timesteps) >= num_timesteps:
@@ -36,7 +48,9 @@ class ValidationLoss:
         # Held-out images are seen as they are: centre crop, no flip, their real caption.
         data_cfg = replace(cfg.data, center_crop=True, random_flip=False, caption_dropout=0.0)
         dataset = CaptionedImageDataset(examples, components.tokenizer, data_cfg)
-        self.items = [dataset[SampleKey(i, 0)] for i in range(len(dataset))]
+        # Image i is scored by process i % world_size; it keeps its index (and so its noise).
+        self.indices = list(range(rank, len(dataset), world_size))
+        self.items = [dataset[SampleKey(i, 0)] for i in self.indices]
         self.timesteps = validation.loss_timesteps
         self.seed = validation.seed
         self.components = components
@@ -56,12 +70,21 @@ class ValidationLoss:
             ]
         return self._latents
 
-    @torch.no_grad()
     def __call__(self, unet, prediction_type: str, alphas_cumprod: torch.Tensor) -> float:
+        """The mean loss over this process's images (all of them on one process)."""
+        total, count = self.partial_sums(unet, prediction_type, alphas_cumprod)
+        return total / count
+
+    @torch.no_grad()
+    def partial_sums(
+        self, unet, prediction_type: str, alphas_cumprod: torch.Tensor
+    ) -> tuple[float, int]:
+        """(sum of losses, number of (image, timestep) pairs) over this process's images."""
         text_encoder = self.components.text_encoder
         total, count = 0.0, 0
+        pairs = zip(self.indices, self.items, self.latents(), strict=True)
         with eval_mode(unet, text_encoder):
-            for index, (item, latents) in enumerate(zip(self.items, self.latents(), strict=True)):
+            for index, item, latents in pairs:
                 # Encoded each time: a text encoder trained with LoRA changes between calls.
                 embeddings = text_encoder(item["input_ids"][None].to(self.device))[0]
                 for t in self.timesteps:
@@ -75,4 +98,4 @@ class ValidationLoss:
                     prediction = unet(noisy, timesteps, embeddings, return_dict=False)[0]
                     total += torch.mean((prediction.float() - target.float()) ** 2).item()
                     count += 1
-        return total / count
+        return total, count
