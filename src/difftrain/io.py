@@ -15,10 +15,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+TEMP_SUFFIX = ".difftrain-tmp"
+"""Every temporary name difftrain makes ends so: what a killed run leaves behind is told apart
+from the user's own `.x.tmp` files, and only those are cleared."""
+OLD_SUFFIX = ".difftrain-old"
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -44,7 +49,7 @@ def atomic_directory(final: Path, *, keep_existing: bool = False) -> Iterator[Pa
     temporary folder is removed and `final` is left as it was.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=TEMP_SUFFIX, dir=final.parent))
     try:
         yield tmp
         if final.exists() and keep_existing:
@@ -60,13 +65,13 @@ def replace_path(source: Path, target: Path) -> None:
     """Move `source` (a file or folder) to `target`, replacing what is there.
 
     A folder cannot be renamed over a non-empty one, so the old one is first renamed aside
-    (`.NAME.old`): at every moment either the old or the new `target` exists, or (killed
+    (`.NAME.difftrain-old`): at every moment either the old or the new `target` exists, or (killed
     between the two renames) the old one sits complete under `.NAME.old`.
     """
     if not target.is_dir():
         os.replace(source, target)
         return
-    old = target.with_name(f".{target.name}.old")
+    old = target.with_name(f".{target.name}{OLD_SUFFIX}")
     shutil.rmtree(old, ignore_errors=True)
     os.replace(target, old)
     os.replace(source, target)

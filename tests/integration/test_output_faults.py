@@ -127,7 +127,7 @@ def test_kills_during_the_final_save_never_leave_a_torn_pipeline(
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
     assert pipeline_is_complete(out)
-    assert not list(out.glob(".final.*")) and not list(out.glob(".*.old"))
+    assert not list(out.glob(".final.*")) and not list(out.glob(".*.difftrain-old"))
 
 
 def test_ctrl_c_during_the_final_save_finishes_it(

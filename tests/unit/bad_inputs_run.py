@@ -232,12 +232,96 @@ def _resume_past_max_steps(ws: Workspace) -> Case:
     checkpoint.mkdir()
     dump_config(resolve_run_config(config, output_dir=str(run)), checkpoint / "config.yaml")
     (checkpoint / "training_state.json").write_text('{"format_version": 2}\n')
+    (checkpoint / "optimizer.pt").write_bytes(b"state")
     write_manifest(checkpoint, 4)
     return Case(
         ["train", "--config", config, "--output-dir", str(run),
          "--resume-from-checkpoint", str(checkpoint)],
         "train.max_steps is 2 but checkpoint-4 is at step 4",
     )  # fmt: skip
+
+
+def _output_in_the_model_cache(ws: Workspace) -> Case:
+    # builtin:tiny lives in DIFFTRAIN_CACHE: writing there would change every later run's base.
+    return Case(["train", "--config", ws.data_config("mc"), "--output-dir", str(ws.model),
+                 "--overwrite"], "is inside the model cache (DIFFTRAIN_CACHE)")  # fmt: skip
+
+
+def _run_with_checkpoints(ws: Workspace, config: str, name: str) -> Path:
+    """A run folder with two checkpoints whose manifests verify but whose files are junk."""
+    from difftrain.config import dump_config, resolve_run_config
+    from difftrain.training.checkpoint import write_manifest
+
+    run = ws.folder(name)
+    (run / ".difftrain-run.json").write_text('{"difftrain": "0.2.0"}\n')
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n')
+    for step in (1, 2):
+        checkpoint = run / f"checkpoint-{step}"
+        checkpoint.mkdir()
+        dump_config(resolve_run_config(config, output_dir=str(run)), checkpoint / "config.yaml")
+        (checkpoint / "training_state.json").write_text('{"format_version": 2}\n')
+        (checkpoint / "optimizer.pt").write_bytes(b"garbage")
+        write_manifest(checkpoint, step)
+    return run
+
+
+def _refused_resume_deletes_nothing(ws: Workspace) -> Case:
+    # It used to truncate metrics.jsonl and delete checkpoint-2 before finding checkpoint-1 bad.
+    config = ws.data_config("rr")
+    run = _run_with_checkpoints(ws, config, "refused_resume")
+    return Case(["train", "--config", config, "--output-dir", str(run),
+                 "--resume-from-checkpoint", str(run / "checkpoint-1")],
+                "cannot resume from", may_create=("refused_resume",))  # fmt: skip
+
+
+def _tampered_manifest(entry: str, expected: str):
+    def build(ws: Workspace) -> Case:
+        import json
+
+        config = ws.data_config("tm")
+        run = _run_with_checkpoints(ws, config, "tampered")
+        for step in (1, 2):
+            manifest_path = run / f"checkpoint-{step}" / "manifest.json"
+            manifest = json.loads(manifest_path.read_text())
+            if entry:
+                manifest["files"][entry] = {"bytes": 1, "sha256": "0" * 64}
+            else:
+                manifest["files"] = {}
+            manifest_path.write_text(json.dumps(manifest))
+        return Case(["train", "--config", config, "--output-dir", str(run),
+                     "--resume-from-checkpoint", "latest"], expected)  # fmt: skip
+
+    return build
+
+
+def _checkpoint_config_not_a_mapping(ws: Workspace) -> Case:
+    from difftrain.training.checkpoint import write_manifest
+
+    config = ws.data_config("cl")
+    run = _run_with_checkpoints(ws, config, "odd_config")
+    (run / "checkpoint-2" / "config.yaml").write_text("- just\n- a list\n")
+    write_manifest(run / "checkpoint-2", 2)
+    return Case(["train", "--config", config, "--output-dir", str(run),
+                 "--resume-from-checkpoint", "latest"],
+                "config.yaml is not a config difftrain wrote")  # fmt: skip
+
+
+def _linked_checkpoint(ws: Workspace) -> Case:
+    config = ws.data_config("lc")
+    run = _run_with_checkpoints(ws, config, "linked")
+    (run / "checkpoint-2").rename(ws.root / "elsewhere")
+    (run / "checkpoint-2").symlink_to(ws.root / "elsewhere")
+    return Case(["train", "--config", config, "--output-dir", str(run), "--overwrite"],
+                "checkpoint-2 is a symbolic link")  # fmt: skip
+
+
+def _linked_lock(ws: Workspace) -> Case:
+    victim = ws.root / "victim.txt"
+    victim.write_text("precious")
+    out = ws.folder("locked")
+    (out / ".difftrain.lock").symlink_to(victim)
+    return Case(["validate-config", "--config", ws.data_config("ll"), "--output-dir", str(out)],
+                ".difftrain.lock is a symbolic link")  # fmt: skip
 
 
 CASES = {
@@ -266,6 +350,17 @@ CASES = {
     "output: parent is a file": _output_parent_is_a_file,
     "output: not writable": _output_not_writable,
     "output: in use by another run": _output_in_use,
+    "output: the model cache, with --overwrite": _output_in_the_model_cache,
+    "output: a checkpoint-N that is a link": _linked_checkpoint,
+    "output: the lock file is a link": _linked_lock,
+    "resume: a refused resume deletes nothing": _refused_resume_deletes_nothing,
+    "resume: a manifest naming a file outside": _tampered_manifest(
+        "../../../../etc/passwd", "manifest.json names a file outside the checkpoint"
+    ),
+    "resume: a manifest that lists nothing": _tampered_manifest(
+        "", "manifest.json does not list config.yaml"
+    ),
+    "resume: the checkpoint's config.yaml is a list": _checkpoint_config_not_a_mapping,
     "lora: unknown target module": _unknown_lora_target,
     "validation: timestep out of range": _validation_timestep,
     "make-dummy-data: into a full folder": _dummy_data_into_full_folder,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import bad_inputs_data
+import bad_inputs_limits
 import bad_inputs_model
 import bad_inputs_run
 import pytest
@@ -17,6 +18,7 @@ CASES = {
     **bad_inputs_run.CASES,
     **bad_inputs_data.CASES,
     **bad_inputs_model.CASES,
+    **bad_inputs_limits.CASES,
 }
 
 
@@ -46,5 +48,5 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
 
 
 def test_every_case_module_has_cases() -> None:
-    for module in (bad_inputs_run, bad_inputs_data, bad_inputs_model):
+    for module in (bad_inputs_run, bad_inputs_data, bad_inputs_model, bad_inputs_limits):
         assert module.CASES, module.__name__

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -93,7 +94,11 @@ def test_a_checkpoint_of_the_pickled_format_is_refused(
     (checkpoint / "training_state.json").unlink()
     (checkpoint / "random_states_0.pkl").write_bytes(pickle.dumps(CreatesAFile(tmp_path / "x")))
     write_manifest(checkpoint, 2)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    del manifest["format_version"]  # as difftrain 0.1 wrote it
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
     code, err = resume_cli(run_with_checkpoint, dummy_data_dir, tmp_path, capsys)
     assert code == 2
-    assert "is a checkpoint of format 1" in err and "Traceback" not in err
+    assert "checkpoint-2: format 1, and this difftrain resumes format 2 only" in err
+    assert "Traceback" not in err
     assert not (tmp_path / "x").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,18 +41,54 @@ def hashes(folder: Path) -> dict[str, str]:
     }
 
 
-def test_overwrite_in_a_folder_that_is_no_run_deletes_nothing(
+def test_overwrite_in_a_folder_that_is_no_run_deletes_and_replaces_nothing(
     tmp_path: Path, dummy_data_dir: Path, tiny_model_dir
 ) -> None:
     out = tmp_path / "mine"
-    for name in ("samples/holiday.png", "checkpoint-1/notes.txt", ".cache.old", "keep.txt"):
+    for name in ("photos/holiday.png", "notes/checkpoint-1.txt", ".cache.old", ".x.tmp", "keep"):
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(name)
     before = hashes(out)
     train(config(out, dummy_data_dir, max_steps=1), overwrite=True)
+    train(config(out, dummy_data_dir, max_steps=1, seed=3), overwrite=True)  # now a run folder
     after = hashes(out)
     assert {name: after.get(name) for name in before} == before
     assert (out / UNET_WEIGHTS).is_file()
+
+
+@pytest.mark.parametrize("taken", ["unet/mine.bin", "README.md", "config.yaml", "samples/a.png"])
+def test_overwrite_never_replaces_a_name_difftrain_writes_in_a_folder_that_is_no_run(
+    tmp_path: Path, dummy_data_dir: Path, taken: str
+) -> None:
+    out = tmp_path / "mine"
+    (out / taken).parent.mkdir(parents=True, exist_ok=True)
+    (out / taken).write_text("mine")
+    with pytest.raises(UserError, match="holds no difftrain run but has .*which a run writes"):
+        train(config(out, dummy_data_dir, max_steps=1), overwrite=True)
+    assert (out / taken).read_text() == "mine"
+
+
+def test_nothing_is_deleted_or_written_through_a_link(
+    tmp_path: Path, dummy_data_dir: Path, tiny_model_dir
+) -> None:
+    out = tmp_path / "run"
+    train(config(out, dummy_data_dir, max_steps=1))
+    elsewhere = tmp_path / "photos"
+    elsewhere.mkdir()
+    (elsewhere / "step-1.png").write_text("a photo")
+    shutil.rmtree(out / "samples", ignore_errors=True)
+    (out / "samples").symlink_to(elsewhere)
+    with pytest.raises(UserError, match="samples is a symbolic link"):
+        train(config(out, dummy_data_dir, max_steps=1), overwrite=True)
+    assert (elsewhere / "step-1.png").read_text() == "a photo"
+    (out / "samples").unlink()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / ".difftrain.lock").unlink()
+    (out / ".difftrain.lock").symlink_to(victim)
+    with pytest.raises(UserError, match=r"\.difftrain\.lock is a symbolic link"):
+        train(config(out, dummy_data_dir, max_steps=1), overwrite=True)
+    assert victim.read_text() == "precious"
 
 
 def test_overwrite_in_a_run_folder_deletes_only_what_difftrain_wrote(

@@ -13,6 +13,7 @@ import torch
 
 from difftrain.config.schema import LoraConfig
 from difftrain.errors import UserError
+from difftrain.io import TEMP_SUFFIX
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -67,7 +68,7 @@ def save_lora_weights(folder: Path, unet, text_encoder=None) -> Path:
     Written beside its final name and renamed in, so a kill never leaves a torn file.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".lora.", dir=folder))
+    staging = Path(tempfile.mkdtemp(prefix=".lora.", suffix=TEMP_SUFFIX, dir=folder))
     try:
         _write_lora(staging, unet, text_encoder)
         os.replace(staging / LORA_WEIGHTS, folder / LORA_WEIGHTS)

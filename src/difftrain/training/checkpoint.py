@@ -23,10 +23,11 @@ from pathlib import Path
 
 from difftrain.errors import StorageFull
 from difftrain.io import atomic_write_json, replace_path, sha256_file, storage_failure
-from difftrain.training.state import FORMAT_VERSION, save_rng_state
+from difftrain.training.state import FORMAT_VERSION, OPTIMIZER_FILE, STATE_FILE, save_rng_state
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
+REQUIRED_FILES = ("config.yaml", STATE_FILE, OPTIMIZER_FILE)
 
 
 def checkpoint_path(output_dir: Path, step: int) -> Path:
@@ -52,8 +53,19 @@ def verify_checkpoint(folder: Path, verify_hashes: bool = True) -> str | None:
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         files = manifest["files"]
+        version = manifest.get("format_version", 1)
+        if version != FORMAT_VERSION:
+            return f"format {version}, and this difftrain resumes format {FORMAT_VERSION} only"
+        missing = [name for name in REQUIRED_FILES if name not in files]
+        if missing:
+            return f"{MANIFEST} does not list {missing[0]}"
         for name, facts in files.items():
+            # Checked by its text first: a manifest must not make us open files elsewhere.
+            if not _inside(name):
+                return f"{MANIFEST} names a file outside the checkpoint ({name!r})"
             path = folder / name
+            if path.is_symlink():
+                return f"{name} is a symbolic link"
             if not path.is_file():
                 return f"{name} is missing"
             if path.stat().st_size != facts["bytes"]:
@@ -64,10 +76,15 @@ def verify_checkpoint(folder: Path, verify_hashes: bool = True) -> str | None:
         return f"no {MANIFEST}"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"{MANIFEST} is unreadable"
-    version = manifest.get("format_version", 1)
-    if version != FORMAT_VERSION:
-        return f"format {version}, and this difftrain resumes format {FORMAT_VERSION} only"
     return None
+
+
+def _inside(name: object) -> bool:
+    """A relative name that stays in its folder (no absolute path, no `..`)."""
+    if not isinstance(name, str) or not name or "\0" in name or "\\" in name:
+        return False
+    parts = Path(name).parts
+    return not Path(name).is_absolute() and ".." not in parts and not name.startswith("/")
 
 
 def is_complete(folder: Path, verify_hashes: bool = False) -> bool:

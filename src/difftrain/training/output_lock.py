@@ -30,11 +30,13 @@ class OutputLock:
         if self._handle is not None:
             return self  # already ours (`with claim_output_dir(...)` enters a held lock)
         try:
-            handle = open(self.path, "a+", encoding="utf-8")
+            # O_NOFOLLOW: a link planted under the lock's name must not make us write elsewhere.
+            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+            handle = open(os.open(self.path, flags, 0o644), "r+", encoding="utf-8")
         except OSError as exc:
             raise UserError(
-                f"--output-dir {self.folder}: cannot write there ({exc.strerror}); choose a "
-                "folder you can write to"
+                f"--output-dir {self.folder}: cannot write there ({exc.strerror or exc}); choose "
+                "a folder you can write to"
             ) from None
         if not _try_lock(handle):
             handle.seek(0)

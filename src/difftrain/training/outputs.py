@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from difftrain.config import Config
-from difftrain.io import replace_path
+from difftrain.io import TEMP_SUFFIX, replace_path
 from difftrain.models.loading import PipelineComponents
 from difftrain.sampling import generate, image_grid
 from difftrain.training.modes import eval_mode
@@ -38,7 +38,7 @@ def save_final_pipeline(
         unet=unet,
         scheduler=components.inference_scheduler,
     )
-    staging = Path(tempfile.mkdtemp(prefix=".final.", dir=output_dir))
+    staging = Path(tempfile.mkdtemp(prefix=".final.", suffix=TEMP_SUFFIX, dir=output_dir))
     try:
         pipeline.save_pretrained(str(staging), safe_serialization=True)
         publish_pipeline(staging, output_dir)
@@ -104,7 +104,7 @@ def save_validation_grid(
         )
     path = Path(cfg.train.output_dir) / "samples" / f"step-{step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
     image_grid(images, validation.prompts).save(tmp, format="PNG")
     os.replace(tmp, path)
     return path

@@ -57,8 +57,9 @@ def find_resume_checkpoint(spec: str | None, output_dir: Path) -> Path | None:
         for _, path in reversed(checkpoint_folders(output_dir)):
             reason = verify_checkpoint(path, verify_hashes=True)
             if reason is None:
+                for skipped in failed:  # said only when the run goes on: else the error says it
+                    logger.warning("skipped %s", skipped)
                 return path.resolve()
-            logger.warning("%s cannot be resumed from (%s): skipped", path, reason)
             failed.append(f"{path.name}: {reason}")
         if failed:
             raise UserError(
@@ -124,7 +125,7 @@ def check_resume_config(
     may change as long as the global batch (batch x accumulation x processes) stays the same:
     every sample draws its randomness by its stream position, so that is the same run.
     """
-    saved = yaml.safe_load((checkpoint / "config.yaml").read_text(encoding="utf-8")) or {}
+    saved = _saved_config(checkpoint)
     changed = [
         key
         for key in differing_keys(saved, config_to_dict(cfg))
@@ -138,6 +139,19 @@ def check_resume_config(
             f"cannot resume from {checkpoint}: the config differs in {', '.join(changed)}; "
             f"restore those values, or pass --allow-config-change {keys} to resume anyway"
         )
+
+
+def _saved_config(checkpoint: Path) -> dict:
+    try:
+        saved = yaml.safe_load((checkpoint / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
+        raise UserError(
+            f"{checkpoint / 'config.yaml'} is not a config difftrain wrote; resume from "
+            "another checkpoint"
+        )
+    return saved
 
 
 PER_PROCESS_BATCH_KEYS = ("train.batch_size", "train.gradient_accumulation_steps")

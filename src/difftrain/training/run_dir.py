@@ -4,8 +4,10 @@ difftrain deletes only what it wrote itself, in a folder that records a difftrai
 it holds that folder's lock. A folder is written into when it is new, empty, or records the
 same run (the same resolved config). A folder holding a different run, a pipeline difftrain
 did not write, or anything else is refused unless the user says `--overwrite`; and in a
-folder that records no run, even `--overwrite` deletes nothing. An output folder that is,
-contains or sits inside the training data (or the base model) is always refused.
+folder that records no run, even `--overwrite` deletes and replaces nothing: it is refused
+when the folder already has a name difftrain writes. An output folder that is,
+contains or sits inside the training data, the base model or a model cache is always
+refused; so is a folder where a name difftrain writes is a symbolic link.
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ import yaml
 
 from difftrain.config import Config, config_to_dict, dump_config
 from difftrain.errors import UserError
-from difftrain.io import atomic_write_json
+from difftrain.io import OLD_SUFFIX, TEMP_SUFFIX, atomic_write_json
 from difftrain.training.checkpoint import CHECKPOINT_PATTERN
 from difftrain.training.output_lock import LOCK_FILE, OutputLock
 
 RUN_MARKER = ".difftrain-run.json"
 """Written into every folder difftrain claims: what makes it a difftrain run folder."""
-# Left by a process killed mid-write; never part of a valid run.
+# Left by a process killed mid-write; never part of a valid run, and never a user's name.
 STALE_PARTIALS = (
-    ".checkpoint-*.partial", ".checkpoint-*.deleting", ".final.*", ".lora.*", ".*.old", ".*.tmp"
+    ".checkpoint-*.partial", ".checkpoint-*.deleting", f".*{TEMP_SUFFIX}", f".*{OLD_SUFFIX}"
 )  # fmt: skip
 TRAINING_ARTIFACTS = ("metrics.jsonl", "skipped_images.txt", "logs/wandb-run-id")
 FINAL_OUTPUTS = (
@@ -34,6 +36,11 @@ FINAL_OUTPUTS = (
     "unet", "vae", "text_encoder", "tokenizer", "scheduler", "pytorch_lora_weights.safetensors",
     "README.md",
 )  # fmt: skip
+OWNED_NAMES = (
+    *FINAL_OUTPUTS, "config.yaml", "env.json", "metrics.jsonl", "skipped_images.txt", "samples",
+    "logs", RUN_MARKER, LOCK_FILE,
+)  # fmt: skip
+"""Top-level names a run writes (or, in its own folder, replaces); `checkpoint-N` too."""
 HOW_TO_REPLACE = "pass --overwrite to replace it, or choose another --output-dir"
 
 
@@ -54,8 +61,8 @@ def claim_output_dir(
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(
-            f"--output-dir {output_dir}: cannot create it ({exc.strerror}); choose a folder "
-            "you can write to"
+            f"--output-dir {output_dir}: cannot create it ({exc.strerror or exc}); choose a "
+            "folder you can write to"
         ) from None
     lock = OutputLock(output_dir).acquire()
     try:
@@ -72,8 +79,8 @@ def claim_output_dir(
     except OSError as exc:
         lock.release()
         raise UserError(
-            f"--output-dir {output_dir}: cannot write there ({exc.strerror}); choose a folder "
-            "you can write to"
+            f"--output-dir {output_dir}: cannot write there ({exc.strerror or exc}); choose a "
+            "folder you can write to"
         ) from None
     except BaseException:
         lock.release()
@@ -90,21 +97,48 @@ def check_output_dir(
     _refuse_overlap_with_inputs(output_dir, cfg)
     if not output_dir.is_dir():
         return False
+    _refuse_links(output_dir)
     is_run = records_a_run(output_dir)
-    if overwrite or resuming:
-        return is_run
     if is_run:
-        _refuse_other_runs(output_dir, cfg, training=training)
-    elif (output_dir / "model_index.json").exists():
+        if not (overwrite or resuming):
+            _refuse_other_runs(output_dir, cfg, training=training)
+        return True
+    if (output_dir / "model_index.json").exists():
         raise UserError(
-            f"--output-dir {output_dir} holds a pipeline difftrain did not write; {HOW_TO_REPLACE}"
+            f"--output-dir {output_dir} holds a pipeline difftrain did not write; choose "
+            "another --output-dir (difftrain never replaces files it did not write)"
         )
-    elif any(path.name != LOCK_FILE for path in output_dir.iterdir()):
+    others = [p for p in output_dir.iterdir() if not (p.name == LOCK_FILE and p.is_file())]
+    if others and not overwrite:
         raise UserError(
             f"--output-dir {output_dir} is not empty and holds no difftrain run; choose a new "
             "or empty folder, or pass --overwrite to write into it (nothing in it is deleted)"
         )
-    return is_run
+    taken = sorted(p.name for p in others if _owned(p.name))
+    if taken:
+        raise UserError(
+            f"--output-dir {output_dir} holds no difftrain run but has {', '.join(taken)}, "
+            "which a run writes; move them, or choose another --output-dir"
+        )
+    return False
+
+
+def _owned(name: str) -> bool:
+    return name in OWNED_NAMES or CHECKPOINT_PATTERN.match(name) is not None
+
+
+def _refuse_links(output_dir: Path) -> None:
+    """difftrain writes and deletes under the names it owns: never through a link out."""
+    candidates = [p for p in output_dir.iterdir() if _owned(p.name)]
+    for folder in ("samples", "logs"):
+        if (output_dir / folder).is_dir() and not (output_dir / folder).is_symlink():
+            candidates += list((output_dir / folder).iterdir())
+    for path in candidates:
+        if path.is_symlink():
+            raise UserError(
+                f"--output-dir {output_dir}: {path.relative_to(output_dir)} is a symbolic link; "
+                "difftrain writes and deletes there and never through a link, so remove it"
+            )
 
 
 def records_a_run(folder: Path) -> bool:
@@ -120,10 +154,17 @@ def records_a_run(folder: Path) -> bool:
 
 
 def _refuse_overlap_with_inputs(output_dir: Path, cfg: Config) -> None:
-    """The run writes (and with --overwrite deletes) in its folder: never among its inputs."""
+    """The run writes (and with --overwrite deletes) in its folder: never among its inputs,
+    and never in a model cache (a builtin model or a hub snapshot is someone's base model)."""
+    from huggingface_hub import constants
+
+    from difftrain.models.tiny import builtin_cache_dir
+
     inputs = {"data.train_dir": cfg.data.train_dir, "validation.loss_dir": cfg.validation.loss_dir}
     if Path(cfg.model.pretrained).is_dir():
         inputs["model.pretrained"] = cfg.model.pretrained
+    inputs["the model cache (DIFFTRAIN_CACHE)"] = str(builtin_cache_dir())
+    inputs["the Hugging Face cache"] = str(constants.HF_HUB_CACHE)
     out = output_dir.resolve()
     for key, value in inputs.items():
         if not value:
@@ -193,25 +234,40 @@ def _remove_training_artifacts(output_dir: Path) -> None:
     """What a fresh start replaces: metrics, checkpoints, sample grids, tracker files."""
     _remove(output_dir, TRAINING_ARTIFACTS)
     for path in output_dir.glob("checkpoint-*"):
-        if CHECKPOINT_PATTERN.match(path.name) and path.is_dir():
+        if CHECKPOINT_PATTERN.match(path.name) and path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
     samples = output_dir / "samples"
-    for grid in samples.glob("step-*.png"):
-        grid.unlink()
-    for events in (output_dir / "logs" / "tensorboard").glob("events.out.tfevents.*"):
-        events.unlink()
-    for folder in (samples, output_dir / "logs" / "tensorboard"):
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+    tensorboard = output_dir / "logs" / "tensorboard"
+    for folder, pattern in ((samples, "step-*.png"), (tensorboard, "events.out.tfevents.*")):
+        if folder.is_dir() and not folder.is_symlink():
+            for path in folder.glob(pattern):
+                if not path.is_symlink():
+                    path.unlink()
+            if not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _remove(output_dir: Path, patterns: tuple[str, ...]) -> None:
+    """Delete what `patterns` match in `output_dir`, never following a link (a link itself,
+    which `_refuse_links` keeps out of the owned names, is left alone)."""
     for pattern in patterns:
         for path in output_dir.glob(pattern):
-            if path.is_dir() and not path.is_symlink():
+            if path.is_symlink() or any(
+                parent.is_symlink() for parent in _between(output_dir, path)
+            ):
+                continue
+            if path.is_dir():
                 shutil.rmtree(path)
             else:
                 path.unlink()
+
+
+def _between(root: Path, path: Path) -> list[Path]:
+    """The folders from `root` (excluded) down to `path`'s parent."""
+    return [
+        root / Path(*path.relative_to(root).parts[:i])
+        for i in range(1, len(path.relative_to(root).parts))
+    ]
 
 
 def write_run_description(

@@ -126,6 +126,11 @@ def build_tracker(main_process: bool, **kwargs) -> RunTracker | NullTracker:
     return RunTracker(**kwargs) if main_process else NullTracker()
 
 
+def shows_progress_bar(main_process: bool) -> bool:
+    """Whether `build_tracker` will draw a progress bar (the main process, on a terminal)."""
+    return main_process and _wants_progress(None)
+
+
 def _wants_progress(show_progress: bool | None) -> bool:
     if show_progress is not None:
         return show_progress

@@ -23,7 +23,7 @@ import torch
 from difftrain.config import Config, config_to_dict, dump_config
 from difftrain.data.dataset import CaptionedImageDataset, build_dataloader
 from difftrain.data.folder import Example
-from difftrain.errors import StorageFull, TrainingInterrupted, TrainingStopped
+from difftrain.errors import StorageFull, TrainingInterrupted, TrainingStopped, UserError
 from difftrain.io import storage_failure
 from difftrain.models.loading import PipelineComponents, load_components
 from difftrain.training.checkpoint import (
@@ -42,7 +42,7 @@ from difftrain.training.distributed import (
 from difftrain.training.loss import LossSettings, diffusion_loss
 from difftrain.training.optim import build_lr_scheduler, build_optimizer
 from difftrain.training.preflight import check_inputs, check_precision
-from difftrain.training.resume import checkpoint_step, continue_in_place
+from difftrain.training.resume import continue_in_place
 from difftrain.training.run_dir import claim_output_dir, write_run_description
 from difftrain.training.run_logging import (
     attach_log_handlers,
@@ -56,7 +56,7 @@ from difftrain.training.state import (
     load_training_state,
     save_main_state,
 )
-from difftrain.training.tracking import build_tracker
+from difftrain.training.tracking import NullTracker, build_tracker, shows_progress_bar
 
 logger = logging.getLogger("difftrain")
 
@@ -109,37 +109,37 @@ def train(
         in_place = checkpoint is not None and checkpoint.parent == output_dir.resolve()
 
         held: list = []  # the lock stays with the main process; only the verdict is shared
-
-        def claim() -> None:
-            held.append(
+        run_on_main(
+            accelerator,
+            lambda: held.append(
                 claim_output_dir(
                     output_dir, cfg, overwrite=overwrite, training=True, resuming=in_place
                 )
-            )
-            if in_place:
-                continue_in_place(output_dir, checkpoint_step(checkpoint))
-
-        run_on_main(accelerator, claim)
+            ),
+        )
         lock = held[0] if held else None
-        tracker = build_tracker(
+        log_handlers = attach_log_handlers(
+            output_dir / "logs" / "train.log", main, console_steps=not shows_progress_bar(main)
+        )
+        seed_everything(cfg.train.seed)
+        run = TrainingRun(cfg, accelerator, load_components(cfg.model), inputs.examples)
+        if checkpoint is not None:
+            run.resume(checkpoint)
+        if in_place:
+            # Only now that the checkpoint has loaded: the steps after it are trained again,
+            # so their metrics lines and later checkpoints (an abandoned branch) go.
+            run_on_main(accelerator, lambda: continue_in_place(output_dir, run.progress.step))
+        if main:
+            write_run_description(output_dir, cfg, processes=process_facts(accelerator))
+            report_skipped_images(inputs.skipped, output_dir)
+        run.tracker = tracker = build_tracker(
             main,
             output_dir=output_dir,
             report_to=cfg.train.report_to,
             max_steps=cfg.train.max_steps,
-            start_step=checkpoint_step(checkpoint) if checkpoint is not None else 0,
+            start_step=run.progress.step,
             run_config=config_to_dict(cfg),
         )
-        # With a progress bar on the terminal, per-step lines go to logs/train.log only.
-        log_handlers = attach_log_handlers(
-            output_dir / "logs" / "train.log", main, console_steps=not tracker.shows_progress
-        )
-        if main:
-            write_run_description(output_dir, cfg, processes=process_facts(accelerator))
-            report_skipped_images(inputs.skipped, output_dir)
-        seed_everything(cfg.train.seed)
-        run = TrainingRun(cfg, accelerator, load_components(cfg.model), inputs.examples, tracker)
-        if checkpoint is not None:
-            run.resume(checkpoint)
         # Signals stay caught until the outputs are complete: a Ctrl-C during the final save
         # is answered once the save is done, never by a half-written pipeline.
         with stop_signals() as received, peers_lost_is_one_line(accelerator):
@@ -171,12 +171,12 @@ class TrainingRun:
         accelerator,
         components: PipelineComponents,
         examples: list[Example],
-        tracker,
     ):
         self.cfg = cfg
         self.accelerator = accelerator
         self.components = components
-        self.tracker = tracker
+        self.tracker = NullTracker()
+        """Set by `train()` once the output folder is ready for this run's metrics."""
         self.output_dir = Path(cfg.train.output_dir)
         self.device = accelerator.device
         train_cfg, lora = cfg.train, cfg.lora
@@ -278,8 +278,18 @@ class TrainingRun:
     def resume(self, checkpoint: Path) -> None:
         """Restore model, optimizer, LR schedule, RNG states and stream position."""
         accelerator = self.accelerator
-        load_trained_models(checkpoint, **self._trained_models_spec(), device=accelerator.device)
-        load_training_state(checkpoint, self.state, rank=accelerator.process_index)
+        try:
+            load_trained_models(
+                checkpoint, **self._trained_models_spec(), device=accelerator.device
+            )
+            load_training_state(checkpoint, self.state, rank=accelerator.process_index)
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+            # Files that verify against their manifest but do not fit this run (another
+            # model's weights, a hand-edited state): the input's fault, not a bug.
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise UserError(
+                f"cannot resume from {checkpoint}: {reason}; resume from another checkpoint"
+            ) from None
         self._apply_config_after_resume()
         logger.info("resumed from %s at step %d", checkpoint, self.progress.step)
 
