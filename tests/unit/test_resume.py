@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from difftrain.config import config_from_dict
 from difftrain.errors import StorageFull, TrainingInterrupted, TrainingStopped, UserError
+from difftrain.training import run_checkpoints
 from difftrain.training import trainer as trainer_module
 from difftrain.training.checkpoint import is_complete, list_checkpoints
 from difftrain.training.metrics import read_metrics
@@ -273,7 +274,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(
             raise error
         return real_save(folder, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "save_main_state", failing_save)
+    monkeypatch.setattr(run_checkpoints, "save_main_state", failing_save)
     out = tmp_path / "out"
     with pytest.raises(
         StorageFull,

@@ -72,9 +72,16 @@ class TrainingState:
     """accelerate's GradScaler under fp16, else None."""
 
 
-def save_main_state(folder: Path, state: TrainingState, *, num_processes: int) -> None:
-    """Progress, schedule, scaler and optimizer: written by the main process only."""
-    torch.save(state.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+def save_main_state(
+    folder: Path, state: TrainingState, *, num_processes: int, optimizer_state: dict | None = None
+) -> None:
+    """Progress, schedule, scaler and optimizer: written by the main process only.
+
+    `optimizer_state` replaces `state.optimizer.state_dict()` (a sharded run's gathered one).
+    """
+    if optimizer_state is None:
+        optimizer_state = state.optimizer.state_dict()
+    torch.save(optimizer_state, folder / OPTIMIZER_FILE)
     atomic_write_json(
         folder / STATE_FILE,
         {
@@ -127,19 +134,30 @@ def check_checkpoint_format(folder: Path) -> None:
         )
 
 
-def load_training_state(folder: Path, state: TrainingState, *, rank: int) -> None:
-    """Restore what `save_main_state` and `save_rng_state` wrote, without unpickling."""
-    check_checkpoint_format(folder)
-    facts = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+def read_optimizer_state(folder: Path) -> dict:
+    """`optimizer.pt`, unpickled by torch's weights-only loader (tensors and containers only)."""
     try:
-        optimizer_state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        return torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a refused or broken file is the input's fault
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"{folder / OPTIMIZER_FILE}: not an optimizer state this difftrain wrote ({reason}); "
             "resume from another checkpoint"
         ) from None
-    state.optimizer.load_state_dict(optimizer_state)
+
+
+def load_training_state(
+    folder: Path, state: TrainingState, *, rank: int, with_optimizer: bool = True
+) -> None:
+    """Restore what `save_main_state` and `save_rng_state` wrote, without unpickling.
+
+    `with_optimizer=False` leaves the optimizer to the caller (a sharded run loads it from the
+    main process, `training.sharding`).
+    """
+    check_checkpoint_format(folder)
+    facts = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    if with_optimizer:
+        state.optimizer.load_state_dict(read_optimizer_state(folder))
     state.lr_scheduler.load_state_dict(facts["lr_scheduler"])
     state.progress.load_state_dict(facts["progress"])
     if state.grad_scaler is not None and facts.get("grad_scaler"):

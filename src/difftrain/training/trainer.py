@@ -14,24 +14,16 @@ import logging
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from difftrain.config import Config, config_to_dict, dump_config
+from difftrain.config import Config, config_to_dict
 from difftrain.data.dataset import CaptionedImageDataset, build_dataloader
 from difftrain.data.folder import Example
-from difftrain.errors import StorageFull, TrainingInterrupted, TrainingStopped, UserError
-from difftrain.io import storage_failure
+from difftrain.errors import TrainingStopped
 from difftrain.models.loading import PipelineComponents, load_components
-from difftrain.training.checkpoint import (
-    list_checkpoints,
-    load_trained_models,
-    save_checkpoint,
-    save_trained_models,
-)
 from difftrain.training.determinism import configure_determinism, seed_everything
 from difftrain.training.distributed import (
     peers_lost_is_one_line,
@@ -43,18 +35,21 @@ from difftrain.training.loss import LossSettings, diffusion_loss
 from difftrain.training.optim import build_lr_scheduler, build_optimizer
 from difftrain.training.preflight import check_inputs, check_precision
 from difftrain.training.resume import continue_in_place
+from difftrain.training.run_checkpoints import RunCheckpoints
 from difftrain.training.run_dir import claim_output_dir, write_run_description
 from difftrain.training.run_logging import (
     attach_log_handlers,
     detach_log_handlers,
     report_skipped_images,
 )
+from difftrain.training.run_outputs import RunOutputs
+from difftrain.training.sharding import (
+    shard_unet,
+)
 from difftrain.training.signals import stop_signals
 from difftrain.training.state import (
     TrainingProgress,
     TrainingState,
-    load_training_state,
-    save_main_state,
 )
 from difftrain.training.tracking import NullTracker, build_tracker, shows_progress_bar
 
@@ -144,6 +139,7 @@ def train(
         # is answered once the save is done, never by a half-written pipeline.
         with stop_signals() as received, peers_lost_is_one_line(accelerator):
             losses = run.train(received)
+            run.gather_for_publish()
             if main:
                 run.publish(losses)
                 kind = "LoRA weights" if cfg.lora.enabled else "pipeline"
@@ -162,7 +158,7 @@ def train(
             lock.release()
 
 
-class TrainingRun:
+class TrainingRun(RunCheckpoints, RunOutputs):
     """Everything one training run holds, built from the config's slices."""
 
     def __init__(
@@ -209,6 +205,11 @@ class TrainingRun:
         unet.train()
         if self.train_text_encoder:
             text_encoder.train()
+        # FSDP2 (full fine-tunes on several processes): shard before the optimizer sees the
+        # parameters, and keep the sharded UNet out of accelerate's DDP wrapping.
+        self.fsdp = getattr(train_cfg, "fsdp", False) and accelerator.num_processes > 1
+        if self.fsdp:
+            shard_unet(unet)
 
         self.ema = None
         if cfg.ema.enabled:
@@ -231,7 +232,9 @@ class TrainingRun:
         params = [p for model in trained for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(train_cfg, params)
         self.lr_scheduler = build_lr_scheduler(train_cfg, optimizer)
-        if self.train_text_encoder:
+        if self.fsdp:
+            self.unet, self.optimizer = unet, accelerator.prepare(optimizer)
+        elif self.train_text_encoder:
             self.unet, components.text_encoder, self.optimizer = accelerator.prepare(
                 unet, text_encoder, optimizer
             )
@@ -266,66 +269,17 @@ class TrainingRun:
             train_text_encoder=self.train_text_encoder,
         )
         self.last_grid: Path | None = None
+        self.final_unet = None
+        """A sharded run's gathered UNet, for the final save (`gather_for_publish`)."""
         self.validation_loss = None
         if cfg.validation.loss_every_steps:
             from difftrain.training.validation_loss import ValidationLoss
 
+            share = (0, 1) if self.fsdp else (accelerator.process_index, accelerator.num_processes)
             self.validation_loss = ValidationLoss(
                 cfg, components, self.device, self.weight_dtype,
-                rank=accelerator.process_index, world_size=accelerator.num_processes,
+                rank=share[0], world_size=share[1],
             )  # fmt: skip
-
-    def resume(self, checkpoint: Path) -> None:
-        """Restore model, optimizer, LR schedule, RNG states and stream position."""
-        accelerator = self.accelerator
-        try:
-            load_trained_models(
-                checkpoint, **self._trained_models_spec(), device=accelerator.device
-            )
-            load_training_state(checkpoint, self.state, rank=accelerator.process_index)
-        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
-            # Files that verify against their manifest but do not fit this run (another
-            # model's weights, a hand-edited state): the input's fault, not a bug.
-            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-            raise UserError(
-                f"cannot resume from {checkpoint}: {reason}; resume from another checkpoint"
-            ) from None
-        self._apply_config_after_resume()
-        logger.info("resumed from %s at step %d", checkpoint, self.progress.step)
-
-    def _apply_config_after_resume(self) -> None:
-        """Hyperparameters come from this run's config, not the checkpoint's.
-
-        Loading restores the optimizer's and the EMA's settings as they were saved; a key
-        the user was allowed to change (`--allow-config-change`), or `train.max_steps`, must
-        win. When nothing changed, every number set here is the one already there.
-        """
-        train_cfg = self.cfg.train
-        for group in self.optimizer.param_groups:
-            group.update(
-                betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-                eps=train_cfg.adam_epsilon,
-                weight_decay=train_cfg.adam_weight_decay,
-                initial_lr=train_cfg.learning_rate,
-            )
-        if self.ema is not None:
-            ema_cfg = self.cfg.ema
-            self.ema.decay = ema_cfg.decay
-            self.ema.use_ema_warmup = ema_cfg.warmup
-            self.ema.inv_gamma = ema_cfg.inv_gamma
-            self.ema.power = ema_cfg.power
-        # The schedule is a function of the config (peak rate, max_steps): set this step's
-        # rate from the current one.
-        scheduler = self.lr_scheduler
-        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-            scheduler.base_lrs = [train_cfg.learning_rate] * len(scheduler.base_lrs)
-            rates = [
-                base * factor(scheduler.last_epoch)
-                for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
-            ]
-            for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
-                group["lr"] = rate
-            scheduler._last_lr = rates
 
     def train(self, stop_signals: list[int]) -> list[float]:
         cfg = self.cfg.train
@@ -396,7 +350,7 @@ class TrainingRun:
                         self._on_nonfinite(step_loss.item())
                     elif cfg.max_grad_norm > 0:
                         norm = accelerator.clip_grad_norm_(self.trained_params, cfg.max_grad_norm)
-                        grad_norm = float(norm)
+                        grad_norm = _norm_value(norm)
                 if not skipped:
                     self.optimizer.step()
                     # fp16: the grad scaler skips an update whose gradients overflowed.
@@ -434,13 +388,16 @@ class TrainingRun:
         every = self.cfg.validation.loss_every_steps
         if self.validation_loss is None or self.progress.step % every:
             return None
-        with self.accelerator.autocast():
-            total, count = self.validation_loss.partial_sums(
-                self.accelerator.unwrap_model(self.unet),
-                self.loss_settings.prediction_type,
-                self.alphas_cumprod,
-            )
-        # Each process scored its share of the held-out images: add the shares up.
+        # Sharded: the UNet is gathered and the main process scores every image; otherwise
+        # each process scores its share.
+        unet = self.whole_unet()
+        total, count = 0.0, 0
+        if unet is not None:
+            with self.accelerator.autocast():
+                total, count = self.validation_loss.partial_sums(
+                    unet, self.loss_settings.prediction_type, self.alphas_cumprod
+                )
+        # Add the shares up.
         total, count = sum_over_processes(self.accelerator, total, count)
         return total / count
 
@@ -466,144 +423,10 @@ class TrainingRun:
         line += f" val_loss {val_loss:.6f}" if val_loss is not None else ""
         logger.info(line, extra={"per_step": True})
 
-    def _maybe_checkpoint(self, force: bool = False) -> bool:
-        every = self.cfg.checkpointing.every_steps
-        if not force and not (every and self.progress.step % every == 0):
-            return False
-        path = save_checkpoint(
-            self.accelerator, self.output_dir, self.progress.step,
-            total_limit=self.cfg.checkpointing.total_limit,
-            write_main=self._write_checkpoint_files,
-        )  # fmt: skip
-        logger.info("saved %s", path)
-        return True
 
-    def _trained_models_spec(self) -> dict[str, object]:
-        return {
-            "unet": self.accelerator.unwrap_model(self.unet),
-            "text_encoder": self._unwrapped_text_encoder,
-            "lora": self.cfg.lora.enabled,
-            "ema": self.ema,
-        }
-
-    def _write_checkpoint_files(self, folder: Path) -> None:
-        save_trained_models(folder, **self._trained_models_spec())
-        save_main_state(folder, self.state, num_processes=self.accelerator.num_processes)
-        dump_config(self.cfg, folder / "config.yaml")
-
-    def _maybe_validate(self) -> None:
-        validation, step = self.cfg.validation, self.progress.step
-        due = step == self.cfg.train.max_steps or (
-            validation.every_steps and step % validation.every_steps == 0
-        )
-        if validation.prompts and due and self.accelerator.is_main_process:
-            from difftrain.training.outputs import save_validation_grid
-
-            unwrap = self.accelerator.unwrap_model
-            unet = unwrap(self.unet)
-            parts = replace(self.components, text_encoder=unwrap(self.components.text_encoder))
-            with self.final_weights(unet):
-                path = save_validation_grid(parts, unet, self.cfg, step)
-            self.last_grid = path
-            logger.info("saved validation samples %s", path)
-
-    @contextmanager
-    def final_weights(self, unet) -> Iterator[None]:
-        """Within the block, `unet` holds the weights the run will publish (EMA when used)."""
-        if self.ema is None or not self.cfg.ema.use_for_final:
-            yield
-            return
-        self.ema.store(unet.parameters())
-        self.ema.copy_to(unet.parameters())
-        try:
-            yield
-        finally:
-            self.ema.restore(unet.parameters())
-
-    def write_model_card(self, losses: list[float]) -> None:
-        from difftrain.training.model_card import write_model_card
-
-        cfg = self.cfg
-        base = cfg.model.pretrained
-        if base.startswith("builtin:"):
-            base = self.components.source  # a folder diffusers can load, unlike "builtin:tiny"
-        settings = {
-            "training": "LoRA" if cfg.lora.enabled else "full UNet",
-            "resolution": cfg.data.resolution,
-            "max_steps": cfg.train.max_steps,
-            "batch size x accumulation": (
-                f"{cfg.train.batch_size} x {cfg.train.gradient_accumulation_steps}"
-            ),
-            "learning rate": f"{cfg.train.learning_rate:g} ({cfg.train.lr_scheduler})",
-            "mixed precision": cfg.train.mixed_precision,
-            "prediction type": self.loss_settings.prediction_type,
-            "seed": cfg.train.seed,
-        }
-        if cfg.lora.enabled:
-            settings["LoRA rank / alpha"] = f"{cfg.lora.rank} / {cfg.lora.alpha:g}"
-        if cfg.ema.enabled:
-            settings["EMA decay"] = cfg.ema.decay
-        if cfg.train.snr_gamma is not None:
-            settings["min-SNR gamma"] = cfg.train.snr_gamma
-        write_model_card(
-            self.output_dir,
-            base_model=base,
-            data_dir=cfg.data.train_dir,
-            num_images=len(self.dataset),
-            settings=settings,
-            final_loss=losses[-1] if losses else None,
-            steps=self.progress.step,
-            lora=cfg.lora.enabled,
-            sample_grid=self.last_grid,
-        )
-
-    def publish(self, losses: list[float]) -> None:
-        """The final pipeline (or LoRA weights) and the model card in OUTPUT_DIR.
-
-        A failed write (a full disk) is one line naming the checkpoint that is still intact.
-        """
-        try:
-            self._save_outputs()
-            self.write_model_card(losses)
-        except Exception as exc:
-            reason = storage_failure(exc)
-            if reason is None:
-                raise
-            checkpoints = list_checkpoints(self.output_dir)
-            intact = (
-                f"{checkpoints[-1][1].name} is intact, continue from it with "
-                "--resume-from-checkpoint latest" if checkpoints else "no checkpoint was written"
-            )  # fmt: skip
-            raise StorageFull(
-                f"could not write the trained model to {self.output_dir} ({reason}); "
-                f"{intact} once you free space or fix permissions"
-            ) from None
-
-    def _save_outputs(self) -> None:
-        """The final pipeline (full fine-tune) or adapter weights (LoRA) in OUTPUT_DIR."""
-        unet = self.accelerator.unwrap_model(self.unet)
-        if self.cfg.lora.enabled:
-            from difftrain.models.lora import save_lora_weights
-
-            text_encoder = self.components.text_encoder if self.train_text_encoder else None
-            if text_encoder is not None:
-                text_encoder = self.accelerator.unwrap_model(text_encoder)
-            save_lora_weights(self.output_dir, unet, text_encoder)
-            return
-        from difftrain.training.outputs import save_final_pipeline
-
-        with self.final_weights(unet):
-            save_final_pipeline(self.components, unet, self.output_dir)
-
-    def _stop_for_signal(self, signum: int, checkpointed: bool) -> None:
-        if not checkpointed:
-            self._maybe_checkpoint(force=True)
-        path = self.output_dir / f"checkpoint-{self.progress.step}"
-        raise TrainingInterrupted(
-            signum,
-            f"{signal.Signals(signum).name} received: stopped after step {self.progress.step} "
-            f"with checkpoint {path}; continue with --resume-from-checkpoint latest",
-        )
+def _norm_value(norm: torch.Tensor) -> float:
+    # A sharded run's norm is a (replicated) DTensor: its full value is the norm.
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def _to(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:

@@ -1,0 +1,141 @@
+"""A training run's outputs: validation grids, the final pipeline or LoRA, the model card.
+
+A mixin of `TrainingRun` (training/trainer.py), kept apart so the loop reads in one screen;
+it uses the run's accelerator, models, EMA and config.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+
+from difftrain.errors import StorageFull
+from difftrain.io import storage_failure
+from difftrain.training.checkpoint import list_checkpoints
+from difftrain.training.sharding import plain_copy
+
+logger = logging.getLogger("difftrain")
+
+
+class RunOutputs:
+    def whole_unet(self):
+        """The UNet with all its weights, for sampling and saving: a sharded run gathers it
+        (a collective: call on every process; None except on the main one)."""
+        if not self.fsdp:
+            return self.accelerator.unwrap_model(self.unet)
+        copy = plain_copy(self.unet)
+        return copy.to(self.device) if copy is not None else None
+
+    def _maybe_validate(self) -> None:
+        validation, step = self.cfg.validation, self.progress.step
+        due = step == self.cfg.train.max_steps or (
+            validation.every_steps and step % validation.every_steps == 0
+        )
+        if not (validation.prompts and due):
+            return
+        unet = self.whole_unet() if self.fsdp else None  # gathered by every process
+        if self.accelerator.is_main_process:
+            from difftrain.training.outputs import save_validation_grid
+
+            unwrap = self.accelerator.unwrap_model
+            unet = unet if unet is not None else unwrap(self.unet)
+            parts = replace(self.components, text_encoder=unwrap(self.components.text_encoder))
+            with self.final_weights(unet):
+                path = save_validation_grid(parts, unet, self.cfg, step)
+            self.last_grid = path
+            logger.info("saved validation samples %s", path)
+
+    @contextmanager
+    def final_weights(self, unet) -> Iterator[None]:
+        """Within the block, `unet` holds the weights the run will publish (EMA when used)."""
+        if self.ema is None or not self.cfg.ema.use_for_final:
+            yield
+            return
+        self.ema.store(unet.parameters())
+        self.ema.copy_to(unet.parameters())
+        try:
+            yield
+        finally:
+            self.ema.restore(unet.parameters())
+
+    def write_model_card(self, losses: list[float]) -> None:
+        from difftrain.training.model_card import write_model_card
+
+        cfg = self.cfg
+        base = cfg.model.pretrained
+        if base.startswith("builtin:"):
+            base = self.components.source  # a folder diffusers can load, unlike "builtin:tiny"
+        settings = {
+            "training": "LoRA" if cfg.lora.enabled else "full UNet",
+            "resolution": cfg.data.resolution,
+            "max_steps": cfg.train.max_steps,
+            "batch size x accumulation": (
+                f"{cfg.train.batch_size} x {cfg.train.gradient_accumulation_steps}"
+            ),
+            "learning rate": f"{cfg.train.learning_rate:g} ({cfg.train.lr_scheduler})",
+            "mixed precision": cfg.train.mixed_precision,
+            "prediction type": self.loss_settings.prediction_type,
+            "seed": cfg.train.seed,
+        }
+        if cfg.lora.enabled:
+            settings["LoRA rank / alpha"] = f"{cfg.lora.rank} / {cfg.lora.alpha:g}"
+        if cfg.ema.enabled:
+            settings["EMA decay"] = cfg.ema.decay
+        if cfg.train.snr_gamma is not None:
+            settings["min-SNR gamma"] = cfg.train.snr_gamma
+        write_model_card(
+            self.output_dir,
+            base_model=base,
+            data_dir=cfg.data.train_dir,
+            num_images=len(self.dataset),
+            settings=settings,
+            final_loss=losses[-1] if losses else None,
+            steps=self.progress.step,
+            lora=cfg.lora.enabled,
+            sample_grid=self.last_grid,
+        )
+
+    def gather_for_publish(self) -> None:
+        """Every process: a sharded run gathers the whole UNet for the main one to save."""
+        if self.fsdp:
+            self.final_unet = self.whole_unet()
+
+    def publish(self, losses: list[float]) -> None:
+        """The final pipeline (or LoRA weights) and the model card in OUTPUT_DIR.
+
+        A failed write (a full disk) is one line naming the checkpoint that is still intact.
+        """
+        try:
+            self._save_outputs()
+            self.write_model_card(losses)
+        except Exception as exc:
+            reason = storage_failure(exc)
+            if reason is None:
+                raise
+            checkpoints = list_checkpoints(self.output_dir)
+            intact = (
+                f"{checkpoints[-1][1].name} is intact, continue from it with "
+                "--resume-from-checkpoint latest" if checkpoints else "no checkpoint was written"
+            )  # fmt: skip
+            raise StorageFull(
+                f"could not write the trained model to {self.output_dir} ({reason}); "
+                f"{intact} once you free space or fix permissions"
+            ) from None
+
+    def _save_outputs(self) -> None:
+        """The final pipeline (full fine-tune) or adapter weights (LoRA) in OUTPUT_DIR."""
+        unet = self.final_unet or self.accelerator.unwrap_model(self.unet)
+        if self.cfg.lora.enabled:
+            from difftrain.models.lora import save_lora_weights
+
+            text_encoder = self.components.text_encoder if self.train_text_encoder else None
+            if text_encoder is not None:
+                text_encoder = self.accelerator.unwrap_model(text_encoder)
+            save_lora_weights(self.output_dir, unet, text_encoder)
+            return
+        from difftrain.training.outputs import save_final_pipeline
+
+        with self.final_weights(unet):
+            save_final_pipeline(self.components, unet, self.output_dir)
