@@ -7,11 +7,13 @@ download, a couple of minutes at most on a laptop CPU.
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 
 from difftrain.config import resolve_run_config
 from difftrain.data.dummy import make_dummy_imagefolder
+from difftrain.errors import UserError
 from difftrain.training.run_dir import run_differences
 
 QUICKSTART_PROMPT = "a red circle on a blue background"
@@ -21,11 +23,25 @@ def quickstart_config_path() -> Path:
     return Path(str(resources.files("difftrain") / "presets" / "quickstart.yaml"))
 
 
+def check_quickstart_dir(output_dir: Path) -> Path:
+    """The quick start's folder, made absolute; refused (writing nothing) when it, or the
+    nearest folder above it that exists, is a file, or that folder cannot be written."""
+    name, output_dir = str(output_dir), output_dir.expanduser().resolve()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output-dir {name} is a file; choose a folder")
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--output-dir {name}: {existing} is a file, not a folder; choose a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output-dir {name}: cannot write into {existing}; choose a folder")
+    return output_dir
+
+
 def run_quickstart(output_dir: Path, max_steps: int = 30) -> Path:
     from difftrain.sampling import generate, load_pipeline
     from difftrain.training.trainer import train
 
-    output_dir = output_dir.resolve()
+    output_dir = check_quickstart_dir(output_dir)
     data_dir = output_dir / "data"
     cfg = resolve_run_config(
         quickstart_config_path(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -99,13 +100,18 @@ def load_pipeline(model_dir: str | Path, device: str | None = None, *, label: st
 def diffusers_logs_silenced():
     """diffusers logs a loading failure before raising it; the raised error is reported, once.
 
-    Without this the one-line error would come with the library's own multi-line copy.
+    Without this the one-line error would come with the library's own multi-line copy. The
+    libraries' Python warnings are dropped too, here only: torch warns on its way to failing
+    (a TorchScript archive saved as a unet's .bin), and a warning before the one error line
+    says nothing the error does not.
     """
     from diffusers.utils import logging as diffusers_logging
 
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity(diffusers_logging.CRITICAL + 1)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         diffusers_logging.set_verbosity(level)

@@ -102,6 +102,19 @@ def test_float_written_without_dot_in_yaml_file_is_a_number(tmp_path: Path) -> N
         ({"validation": {"prompts": "a cat"}}, "validation.prompts: must be a list"),
         ({"checkpointing": {"total_limit": 0}}, "checkpointing.total_limit: must be > 0"),
         ({"train": {"seed": 2**40}}, "train.seed: must be in [0, 2**32)"),
+        ({"train": {"batch_size": 2**70}}, f"train.batch_size: must be at most {2**31 - 1}"),
+        ({"train": {"max_steps": 2**31}}, f"train.max_steps: must be at most {2**31 - 1}, got"),
+        ({"train": {"max_steps": 1e30}}, "train.max_steps: must be at most"),  # a float's int
+        ({"checkpointing": {"total_limit": 2**31}}, "checkpointing.total_limit: must be at most"),
+        ({"data": {"resolution": 2**64}}, "data.resolution: must be at most 8192, got"),
+        (
+            {"validation": {"num_inference_steps": 1001}},
+            "validation.num_inference_steps: must be at most 1000, got 1001",
+        ),
+        (
+            {"validation": {"loss_timesteps": [100, 2**40]}},
+            "validation.loss_timesteps[1]: must be at most 2147483647",
+        ),
         ({"validation": {"seed": -1}}, "validation.seed: must be in [0, 2**32)"),
         (
             {"validation": {"loss_timesteps": []}},
@@ -123,6 +136,18 @@ def test_bad_values_name_the_dotted_key(raw: dict, expected: str) -> None:
     assert message.startswith("run.yaml: ")
     assert expected in message
     assert "\n" not in message
+
+
+def test_the_largest_allowed_integers_load() -> None:
+    cfg = config_from_dict(
+        {
+            "data": {"train_dir": "x", "resolution": 8192},
+            "train": {"batch_size": 2**31 - 1, "seed": 2**32 - 1},
+            "validation": {"num_inference_steps": 1000, "seed": 2**32 - 1},
+        }
+    )
+    assert cfg.train.batch_size == 2**31 - 1 and cfg.train.seed == 2**32 - 1
+    assert cfg.data.resolution == 8192 and cfg.validation.num_inference_steps == 1000
 
 
 def test_missing_required_key_is_reported() -> None:

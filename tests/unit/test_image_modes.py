@@ -236,3 +236,48 @@ def test_an_unusable_float_image_is_refused_before_training(tmp_path: Path) -> N
     Image.fromarray(np.array([[0.0, 4.0]], np.float32)).save(path)
     with pytest.raises(UserError, match="hdr.tif has float pixels from 0 to 4"):
         check_image_file(path)  # the up-front check, not the first training step
+
+
+def test_a_16_bit_grey_transparency_key_is_white(tmp_path: Path) -> None:
+    values = _sixteen_bit()
+    key = int(values[0, 5])
+    path = tmp_path / "key16.png"
+    Image.fromarray(values).save(path, transparency=key)
+    with Image.open(path) as reopened:  # PNG tRNS for 16-bit grey: the key in 0..65535
+        assert reopened.mode == "I;16" and reopened.info["transparency"] == key
+    expected = _scaled(values)
+    expected[values == key] = 255
+    loaded = np.asarray(load_rgb(path)).astype(int)
+    assert (loaded[:, 5] == 255).all()
+    assert np.abs(loaded - expected).max() <= 1
+    # A grey a hair off the key is not transparent: only exact matches are.
+    assert loaded[0, 4, 0] < 255 and loaded[0, 6, 0] < 255
+
+
+def test_a_16_bit_transparency_key_survives_exif_rotation(tmp_path: Path) -> None:
+    values = np.zeros((3, 8), np.uint16)
+    values[0, 0] = 1000
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise
+    Image.fromarray(values).save(tmp_path / "turned.png", exif=exif, transparency=1000)
+    loaded = np.asarray(load_rgb(tmp_path / "turned.png"))
+    assert loaded.shape == (8, 3, 3)
+    assert (loaded == 255).all(axis=2).sum() == 1 and (loaded <= 255).all()
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        (np.array([[0, 100, 200, 100]], np.int32), 100),  # mode I, 8-bit values
+        (np.array([[0, 30000, 65535, 30000]], np.int32), 30000),  # mode I, 16-bit values
+        (np.array([[0.0, 0.25, 1.0, 0.25]], np.float32), 0.25),  # mode F
+    ],
+)
+def test_i_and_f_transparency_keys_are_white(values: np.ndarray, key: float) -> None:
+    """No format PIL writes keeps a key with these modes: in memory, as a decoder gives it."""
+    image = Image.fromarray(values)
+    opaque = np.asarray(to_rgb(image, Path("x.png")))[0, :, 0]
+    assert opaque[1] < 255  # the key's grey, when nothing says it is transparent
+    image.info["transparency"] = key
+    loaded = np.asarray(to_rgb(image, Path("x.png")))[0, :, 0]
+    assert list(loaded) == [opaque[0], 255, opaque[2], 255]

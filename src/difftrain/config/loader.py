@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from difftrain.config.schema import Config
+from difftrain.config.schema import INT_LIMIT, Config
 from difftrain.config.strict_yaml import DuplicateKeyError, safe_load_strict
 from difftrain.errors import ConfigError, UserError
 
@@ -165,8 +165,19 @@ def _build(cls: type, raw: dict[str, Any] | None, prefix: str, source: str | Non
         problem = check(value) if check else None
         if problem:
             raise ConfigError(dotted, problem, source)
+        _check_maximum(value, f.metadata.get("maximum", INT_LIMIT), dotted, source)
         values[name] = value
     return cls(**values)
+
+
+def _check_maximum(value: Any, maximum: int, key: str, source: str | None) -> None:
+    """Integers (alone or in a list) at most `maximum`: a value beyond it is a typo, and the
+    libraries would fail on it later (an OverflowError, or after a whole training run)."""
+    items = value if isinstance(value, list) else [value]
+    for index, item in enumerate(items):
+        if isinstance(item, int) and not isinstance(item, bool) and item > maximum:
+            where = f"{key}[{index}]" if isinstance(value, list) else key
+            raise ConfigError(where, f"must be at most {maximum}, got {item}", source)
 
 
 def _did_you_mean(key: str, prefix: str, cls: type) -> str:

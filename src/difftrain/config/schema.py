@@ -54,8 +54,15 @@ def _required(value: Any) -> str | None:
     return "is required" if value in (None, "") else None
 
 
-def _checked(default: Any, check: Check) -> Any:
-    return field(default=default, metadata={"check": check})
+INT_LIMIT = 2**31 - 1
+"""The largest value of any integer key (and list item) whose field sets no other `maximum`:
+a count, size or step number beyond it is a typo, and torch, numpy and the data loader fail
+on such numbers with errors that name no key. Seeds go up to 2**32 - 1."""
+
+
+def _checked(default: Any, check: Check, *, maximum: int = INT_LIMIT) -> Any:
+    """A field with a default and a check; the loader also holds its integers to `maximum`."""
+    return field(default=default, metadata={"check": check, "maximum": maximum})
 
 
 LRScheduler = Literal[
@@ -82,8 +89,9 @@ class DataConfig:
     caption_column: str = "text"
     """Column of `metadata.jsonl` that holds the caption."""
 
-    resolution: int = _checked(512, _multiple_of_8)
-    """Training images are resized (shorter side) and cropped to this square size."""
+    resolution: int = _checked(512, _multiple_of_8, maximum=8192)
+    """Training images are resized (shorter side) and cropped to this square size (at most
+    8192)."""
 
     center_crop: bool = False
     """Crop the centre; otherwise a random crop (reproducible from `train.seed`)."""
@@ -108,7 +116,7 @@ class TrainConfig:
     output_dir: str = _checked("outputs/run", _folder_name)
     """Where the run writes everything; `--output-dir` overrides it."""
 
-    seed: int = _checked(0, _seed)
+    seed: int = _checked(0, _seed, maximum=2**32 - 1)
     """Seeds model noise, timesteps, data order and augmentation."""
 
     max_steps: int = _checked(100, _positive)
@@ -198,11 +206,12 @@ class ValidationConfig:
     every_steps: int = _checked(0, _non_negative)
     """Render the prompts every N optimizer steps (and at the end); 0 renders at the end only."""
 
-    seed: int = _checked(0, _seed)
+    seed: int = _checked(0, _seed, maximum=2**32 - 1)
     """Seed of the sampling noise (and of the validation-loss noise), so results are
     comparable across steps and runs."""
 
-    num_inference_steps: int = _checked(20, _positive)
+    num_inference_steps: int = _checked(20, _positive, maximum=1000)
+    """Denoising steps per validation image (at most 1000, the usual training timesteps)."""
     guidance_scale: float = _checked(7.5, _non_negative)
 
     loss_every_steps: int = _checked(0, _non_negative)

@@ -40,12 +40,15 @@ def to_rgb(image: Image.Image, path: Path) -> Image.Image:
     (often black), and white is the common choice for cut-out images.
     """
     mode = image.mode
-    if mode.startswith("I;16"):
-        return _grey(_scale_16_bit(np.asarray(image)))
-    if mode == "I":
-        return _grey(_int_to_8_bit(np.asarray(image), path))
-    if mode == "F":
-        return _grey(_float_to_8_bit(np.asarray(image), path))
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(image)
+        if mode == "F":
+            grey = _float_to_8_bit(values, path)
+        elif mode == "I":
+            grey = _int_to_8_bit(values, path)
+        else:
+            grey = _scale_16_bit(values)
+        return _grey(_key_onto_white(grey, values, image.info.get("transparency")))
     try:
         if _has_alpha(image):
             return _onto_white(image)
@@ -62,6 +65,14 @@ def _has_alpha(image: Image.Image) -> bool:
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         return True
     return image.mode == "P" and image.palette is not None and image.palette.mode == "RGBA"
+
+
+def _key_onto_white(grey: np.ndarray, values: np.ndarray, key: object) -> np.ndarray:
+    """A transparency key (PNG tRNS: one grey value, in the image's own range) marks fully
+    transparent pixels: those whose original value is the key become white."""
+    if isinstance(key, bool) or not isinstance(key, (int, float)):
+        return grey
+    return np.where(values == key, 255, grey)
 
 
 def _grey(values: np.ndarray) -> Image.Image:
