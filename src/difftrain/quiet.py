@@ -8,6 +8,7 @@ we only fill in defaults.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -28,3 +29,24 @@ def quiet_third_party(*, libraries_loaded_soon: bool) -> None:
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
         disable_progress_bars()
+
+
+@contextlib.contextmanager
+def diffusers_logs_silenced():
+    """diffusers logs a loading failure before raising it; the raised error is reported, once.
+
+    Without this the one-line error would come with the library's own multi-line copy. The
+    libraries' Python warnings are dropped too, here only: torch warns on its way to failing
+    (a TorchScript archive saved as a unet's .bin), and a warning before the one error line
+    says nothing the error does not.
+    """
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        diffusers_logging.set_verbosity(level)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from difftrain.errors import UserError
 from difftrain.models.pipeline_checks import first_line
+from difftrain.quiet import diffusers_logs_silenced
 
 
 def generate(
@@ -78,7 +77,12 @@ def load_pipeline(model_dir: str | Path, device: str | None = None, *, label: st
     from diffusers import DiffusionPipeline
 
     from difftrain.config.schema import ModelConfig
-    from difftrain.models.loading import LOAD_ERRORS, check_model_source, safetensors_only
+    from difftrain.models.loading import (
+        LOAD_ERRORS,
+        check_model_source,
+        refuse_missing_weights,
+        safetensors_only,
+    )
 
     name = str(model_dir)
     source = check_model_source(ModelConfig(pretrained=name), label=label)
@@ -92,26 +96,7 @@ def load_pipeline(model_dir: str | Path, device: str | None = None, *, label: st
         raise UserError(
             f"{label}: could not load {name}: {first_line(exc)}; re-save or re-download the model"
         ) from None
+    for part in ("unet", "vae", "text_encoder"):
+        refuse_missing_weights(getattr(pipeline, part), f"{label}: {name}", part)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-@contextlib.contextmanager
-def diffusers_logs_silenced():
-    """diffusers logs a loading failure before raising it; the raised error is reported, once.
-
-    Without this the one-line error would come with the library's own multi-line copy. The
-    libraries' Python warnings are dropped too, here only: torch warns on its way to failing
-    (a TorchScript archive saved as a unet's .bin), and a warning before the one error line
-    says nothing the error does not.
-    """
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL + 1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        diffusers_logging.set_verbosity(level)

@@ -342,7 +342,31 @@ def _sample_cuda_without_cuda(ws: Workspace) -> Case:
     )
 
 
+def _partial_unet(ws: Workspace) -> Path:
+    """The unet's weights as a pickled .bin (plain tensors: safe to load) missing half of them."""
+    import torch
+    from safetensors.torch import load_file
+
+    model = model_copy(ws, "partial")
+    weights = load_file(model / UNET_WEIGHTS)
+    (model / UNET_WEIGHTS).unlink()
+    half = dict(list(weights.items())[: len(weights) // 2])
+    torch.save(half, model / "unet" / "diffusion_pytorch_model.bin")
+    return model
+
+
+def _train_on_partial_weights(ws: Workspace) -> Case:
+    return Case(train_on(ws, _partial_unet(ws), "pw"), "unet weights lack", env=CHILD,
+                may_create=("out",))  # fmt: skip
+
+
+def _sample_partial_weights(ws: Workspace) -> Case:
+    return Case(sample_argv(ws, model=_partial_unet(ws)), "unet weights lack", env=CHILD)
+
+
 CASES = {
+    "model: weights missing tensors (train)": _train_on_partial_weights,
+    "sample: weights missing tensors": _sample_partial_weights,
     "model: missing folder": _missing_model,
     "model: hub id not in the offline cache": _offline_hub_id,
     "make-tiny-model: into a full folder": _tiny_model_into_full_folder,

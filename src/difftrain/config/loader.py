@@ -108,6 +108,13 @@ def _check_combinations(cfg: Config, source: str | None) -> None:
         )
     if cfg.lora.train_text_encoder and not cfg.lora.enabled:
         raise ConfigError("lora.train_text_encoder", "needs lora.enabled: true", source)
+    if cfg.train.fsdp and (cfg.lora.enabled or cfg.ema.enabled):
+        raise ConfigError(
+            "train.fsdp",
+            "shards full fine-tunes without EMA only (LoRA adapters are small enough to "
+            "replicate); turn off train.fsdp, or lora.enabled / ema.enabled",
+            source,
+        )
     if cfg.ema.enabled and cfg.lora.enabled:
         raise ConfigError(
             "ema.enabled",

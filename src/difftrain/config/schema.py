@@ -154,6 +154,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute UNet activations in the backward pass: less memory, about 20-30% slower."""
 
+    fsdp: bool = False
+    """Shard a full fine-tune's UNet weights, gradients and optimizer state over the processes
+    with FSDP2 (on several processes; not with LoRA or EMA). Checkpoints and the final pipeline
+    are gathered into the ordinary formats. See docs/distributed.md."""
+
     use_8bit_adam: bool = False
     """bitsandbytes' 8-bit AdamW (needs `pip install bitsandbytes` and a CUDA GPU)."""
 
@@ -232,7 +237,7 @@ class LoraConfig:
     enabled: bool = False
     """Train low-rank adapters (peft) instead of the whole UNet."""
 
-    rank: int = _checked(4, _positive)
+    rank: int = _checked(4, _positive, maximum=1024)
     alpha: float = _checked(4.0, _positive)
     """Scale of the adapter output is alpha / rank."""
 

@@ -26,6 +26,7 @@ from difftrain.models.pipeline_checks import (
     uses_safetensors,
 )
 from difftrain.models.tiny import BUILTIN_PREFIX, TINY_MODELS, builtin_model_path
+from difftrain.quiet import diffusers_logs_silenced
 
 # What loaders raise for a file the user gave: missing, corrupt, of the wrong shape, a pickle
 # that is not plain tensors. Narrower would let a damaged download end in a traceback.
@@ -113,17 +114,23 @@ def load_components(cfg: ModelConfig) -> PipelineComponents:
         if isinstance(loader, type):
             loader = loader.from_pretrained
         try:
-            return loader(source, subfolder=subfolder, revision=revision, **kwargs)
+            # The libraries log (and warn about) a failure before raising it: the raised error
+            # is reported, once, as one line.
+            with diffusers_logs_silenced():
+                loaded = loader(source, subfolder=subfolder, revision=revision, **kwargs)
         except LOAD_ERRORS as exc:
             raise UserError(
                 f"model.pretrained: could not load {subfolder} of {cfg.pretrained!r}: "
                 f"{first_line(exc)}; check the hub id or folder, the network, and "
                 "HF_HUB_OFFLINE (offline mode needs the model in the local cache)"
             ) from None
+        return loaded
 
     def weights(loader: Any, subfolder: str) -> Any:
         only_safetensors = safetensors_only(source, revision, subfolder)
-        return load(loader, subfolder, use_safetensors=only_safetensors)
+        model = load(loader, subfolder, use_safetensors=only_safetensors)
+        refuse_missing_weights(model, f"model.pretrained: {cfg.pretrained}", subfolder)
+        return model
 
     scheduler_config = load(DDPMScheduler.load_config, "scheduler")
     inference_class = scheduler_class(scheduler_config, f"model.pretrained: {cfg.pretrained}")
@@ -137,6 +144,17 @@ def load_components(cfg: ModelConfig) -> PipelineComponents:
         source=source,
         revision=revision,
     )
+
+
+def refuse_missing_weights(model: Any, where: str, part: str) -> None:
+    """A weights file that lacks tensors loads as "meta" placeholders, which fail only at the
+    first step with a message naming no file: refuse it now."""
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise UserError(
+            f"{where}: {part} weights lack {len(missing)} tensors (e.g. {missing[0]}); "
+            "re-save or re-download the model"
+        )
 
 
 def safetensors_only(source: str, revision: str | None, subfolder: str) -> bool | None:

@@ -207,7 +207,7 @@ class TrainingRun(RunCheckpoints, RunOutputs):
             text_encoder.train()
         # FSDP2 (full fine-tunes on several processes): shard before the optimizer sees the
         # parameters, and keep the sharded UNet out of accelerate's DDP wrapping.
-        self.fsdp = getattr(train_cfg, "fsdp", False) and accelerator.num_processes > 1
+        self.fsdp = train_cfg.fsdp and accelerator.num_processes > 1
         if self.fsdp:
             shard_unet(unet)
 
