@@ -207,6 +207,31 @@ def test_sigint_to_the_launcher_checkpoints_every_process(
     assert "continue with --resume-from-checkpoint latest" in err
 
 
+def test_sigterm_to_one_process_stops_both_after_the_same_step(
+    work, dummy_data_dir: Path, builtin_cache: Path
+) -> None:
+    folder, _ = work
+    out = folder / "one-signalled"
+    config = write_config(folder, dummy_data_dir, 2, max_steps=100_000)
+    launcher = difftrain(
+        ["--config", str(config), "--output-dir", str(out), "--num-processes", "2"], builtin_cache
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.jsonl").is_file() or len(read_metrics(out / "metrics.jsonl")) < 2:
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    workers = children(launcher.pid)
+    os.kill(workers[-1], signal.SIGTERM)  # the second process only, as a scheduler might
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 143, err
+    last_step = read_metrics(out / "metrics.jsonl")[-1]["step"]
+    checkpoint = out / f"checkpoint-{last_step}"
+    assert sorted(p.name for p in checkpoint.glob("rng_state_*")) == [
+        "rng_state_0.safetensors", "rng_state_1.safetensors"
+    ]  # fmt: skip
+    assert not any(alive(pid) for pid in workers)
+
+
 def test_two_nodes_on_localhost_equal_one_node_with_two_processes(
     work, stopped_at_3: Path, dummy_data_dir: Path, builtin_cache: Path
 ) -> None:
@@ -304,3 +329,24 @@ def test_fsdp_trains_like_ddp_and_resumes_bit_exactly(
     run(["--config", str(config), "--output-dir", str(resumed), "--resume-from-checkpoint",
          "latest", *two], builtin_cache)  # fmt: skip
     assert_bit_identical(straight, resumed)
+
+
+def test_lora_dropout_is_the_same_on_one_and_two_processes(
+    work, dummy_data_dir: Path, builtin_cache: Path
+) -> None:
+    folder, _ = work
+    outs = {}
+    for processes, batch in [(1, 4), (2, 2)]:
+        config = folder / f"lora-{processes}.yaml"
+        config.write_text(
+            write_config(folder, dummy_data_dir, batch, max_steps=4).read_text()
+            + "lora: {enabled: true, rank: 4, dropout: 0.3}\n"
+        )
+        outs[processes] = folder / f"lora-{processes}p"
+        run(["--config", str(config), "--output-dir", str(outs[processes]),
+             "--num-processes", str(processes)], builtin_cache)  # fmt: skip
+    assert losses(outs[1]) == pytest.approx(losses(outs[2]), rel=RTOL_LOSS)
+    a = load_file(outs[1] / "pytorch_lora_weights.safetensors")
+    b = load_file(outs[2] / "pytorch_lora_weights.safetensors")
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=0, atol=ATOL_WEIGHTS)

@@ -19,6 +19,7 @@ from difftrain.training.metrics import read_metrics
 from difftrain.training.trainer import train
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def make_config(output_dir: Path, data_dir: Path, **sections):
@@ -167,11 +168,12 @@ def test_gradient_accumulation_and_schedule(
     assert rows[2]["lr"] < rows[1]["lr"]
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-dropout"])
 def test_two_accumulated_batches_of_2_equal_one_batch_of_4(
-    tmp_path: Path, dummy_data_dir: Path, tiny_model_dir
+    tmp_path: Path, dummy_data_dir: Path, tiny_model_dir, lora: bool
 ) -> None:
-    # Every sample draws its noise and timestep by its stream position, so the same 4 samples
-    # give the same update however they are split into micro-batches.
+    # Every sample draws its noise, timestep (and LoRA dropout masks) by its stream position,
+    # so the same 4 samples give the same update however they are split into micro-batches.
     runs = {}
     for batch, accumulation in [(4, 1), (2, 2)]:
         cfg = make_config(
@@ -179,18 +181,21 @@ def test_two_accumulated_batches_of_2_equal_one_batch_of_4(
             dummy_data_dir,
             train={"batch_size": batch, "gradient_accumulation_steps": accumulation,
                    "max_steps": 2, "deterministic": True},
+            lora={"enabled": lora, "dropout": 0.3, "rank": 4},
         )  # fmt: skip
         result = train(cfg)
-        runs[batch] = (result.losses, load_file(result.output_dir / UNET_WEIGHTS))
+        weights = LORA_WEIGHTS if lora else UNET_WEIGHTS
+        runs[batch] = (result.losses, load_file(result.output_dir / weights))
     (losses4, weights4), (losses2, weights2) = runs[4], runs[2]
     assert losses2 == pytest.approx(losses4, rel=1e-5)
     # Adam divides by the gradients' size, so float noise in tiny gradients shows up to ~1e-6;
     # a step moves weights by ~lr = 1e-3, and a different split of the draws by as much.
     for name, value in weights4.items():
         torch.testing.assert_close(weights2[name], value, rtol=0, atol=2e-5)
-    base = load_file(tiny_model_dir / UNET_WEIGHTS)
-    largest_move = max((value - base[name]).abs().max().item() for name, value in weights4.items())
-    assert largest_move > 5e-4  # the runs trained: equal weights are not just the base ones
+    if not lora:  # (LoRA's B matrices start at zero, so any move shows the run trained)
+        base = load_file(tiny_model_dir / UNET_WEIGHTS)
+        moves = [(value - base[name]).abs().max().item() for name, value in weights4.items()]
+        assert max(moves) > 5e-4  # the runs trained: equal weights are not just the base ones
 
 
 def test_bf16_runs_on_the_cpu(tmp_path: Path, dummy_data_dir: Path, tiny_model_dir) -> None:

@@ -48,6 +48,11 @@ def add_lora_adapters(unet, text_encoder, cfg: LoraConfig) -> None:
         trained.append(text_encoder)
     # Adapters train in fp32 even when the frozen base runs in half precision.
     cast_training_params(trained, dtype=torch.float32)
+    if cfg.dropout:
+        from difftrain.models.sample_dropout import key_lora_dropout
+
+        for model in trained:
+            key_lora_dropout(model)
 
 
 def _add_text_encoder_adapter(text_encoder, config) -> None:

@@ -1,10 +1,11 @@
 """The denoising loss of one batch, shared by training and (in parts) the validation loss.
 
 Every random draw of a sample (its latent sample, noise, offset noise, timestep and input
-perturbation) comes from a generator keyed by (run seed, the sample's stream position), in
-that fixed order. So a sample is treated the same whether it sits in a batch of 4 or in one
-of two accumulated batches of 2, on one process or another, in a resumed run or not; and an
-option that is off draws nothing, leaving every other draw as it was.
+perturbation, and its LoRA dropout masks) comes from a generator keyed by (run seed, the
+sample's stream position), in that fixed order. So a sample is treated the same whether it
+sits in a batch of 4 or in one of two accumulated batches of 2, on one process or another,
+in a resumed run or not; and an option that is off draws nothing, leaving every other draw
+as it was.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from difftrain.diffusion import add_noise, sample_timesteps, training_target
 from difftrain.diffusion.noise import offset_noise, perturbed_noise
 from difftrain.diffusion.weighting import min_snr_weights, snr, weighted_mse
 from difftrain.models.latents import encode_posterior
+from difftrain.models.sample_dropout import keyed_by
 from difftrain.seeds import generator
 
 
@@ -73,6 +75,12 @@ def diffusion_loss(
     settings: LossSettings,
 ) -> torch.Tensor:
     """The denoising loss of one batch (latents and text embeddings made on the fly)."""
+    positions = [int(p) for p in batch["position"]]
+    with keyed_by(settings.seed, positions):  # LoRA dropout masks, per sample
+        return _denoising_loss(batch, positions, components, unet, alphas_cumprod, settings)
+
+
+def _denoising_loss(batch, positions, components, unet, alphas_cumprod, settings):
     device = alphas_cumprod.device
     pixels = batch["pixel_values"].to(device, dtype=settings.weight_dtype, non_blocking=True)
     posterior = encode_posterior(components.vae, pixels)
@@ -80,7 +88,6 @@ def diffusion_loss(
         input_ids = batch["input_ids"].to(device)
         text_embeddings = components.text_encoder(input_ids, return_dict=False)[0]
 
-    positions = [int(p) for p in batch["position"]]
     draws = draw_for_samples(
         positions, tuple(posterior.mean.shape[1:]), len(alphas_cumprod), settings
     )
