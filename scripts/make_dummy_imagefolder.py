@@ -7,7 +7,7 @@ A thin wrapper over `difftrain make-dummy-data`: same flags, same code, same exi
 
 import sys
 
-from difftrain.cli import main
+from difftrain.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["make-dummy-data", *sys.argv[1:]]))
+    run(["make-dummy-data", *sys.argv[1:]])

@@ -7,7 +7,7 @@ A thin wrapper over `difftrain train`: same flags, same code, same exit codes.
 
 import sys
 
-from difftrain.cli import main
+from difftrain.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    run(["train", *sys.argv[1:]])

@@ -7,7 +7,7 @@ A thin wrapper over `difftrain validate-config`: same flags, same code, same exi
 
 import sys
 
-from difftrain.cli import main
+from difftrain.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["validate-config", *sys.argv[1:]]))
+    run(["validate-config", *sys.argv[1:]])

@@ -1,5 +1,5 @@
 """Run the CLI as `python -m difftrain ...`."""
 
-from difftrain.cli import main
+from difftrain.cli import run
 
-raise SystemExit(main())
+run()

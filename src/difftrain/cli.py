@@ -277,5 +277,20 @@ def _process_rank() -> int:
     return process_rank()
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The `difftrain` command: `main`, then exit with its code.
+
+    After a Ctrl-C, the exit is immediate (`os._exit(130)`): CPython otherwise re-raises
+    SIGINT at shutdown when the interrupt landed inside certain library imports, and the
+    process would die by the signal, whatever `main` returned.
+    """
+    code = main(argv)
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -145,7 +145,7 @@ def test_ctrl_c_during_the_final_save_finishes_it(
     assert pipeline_is_complete(out) and (out / "README.md").is_file()
 
 
-@pytest.mark.parametrize("delay", [0.6, 1.5, 3.0, 5.0])
+@pytest.mark.parametrize("delay", [0.4, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0])
 def test_ctrl_c_at_any_moment_of_start_up_is_exit_130_without_a_traceback(
     delay: float, tmp_path: Path, dummy_data_dir: Path, builtin_cache: Path, tiny_model_dir: Path
 ) -> None:
