@@ -232,6 +232,11 @@ class TrainingRun(RunCheckpoints, RunOutputs):
         params = [p for model in trained for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(train_cfg, params)
         self.lr_scheduler = build_lr_scheduler(train_cfg, optimizer)
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None:
+            # DeepSpeed wants the micro-batch size, which accelerate reads from a prepared data
+            # loader; difftrain shards its own loader, so it says the size itself.
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = train_cfg.batch_size
         if self.fsdp:
             self.unet, self.optimizer = unet, accelerator.prepare(optimizer)
         elif self.train_text_encoder:
