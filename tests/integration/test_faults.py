@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from watching import steps_done, wait_until
 
 from difftrain.config import resolve_run_config
 from difftrain.training.checkpoint import list_checkpoints
@@ -27,24 +28,6 @@ from difftrain.training.trainer import train
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 KILLS = 12
 MAX_STEPS = 40
-
-
-def steps_done(out: Path) -> int:
-    try:
-        return len((out / "metrics.jsonl").read_text().splitlines())
-    except OSError:
-        return 0
-
-
-def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> bool:
-    """Poll `condition` every 2 ms; False when the process ended first."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            return False
-        assert time.monotonic() < deadline, "training made no progress"
-        time.sleep(0.002)
-    return True
 
 
 @pytest.mark.slow
@@ -76,11 +59,11 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(
             start = steps_done(out)
             if kills % 2:
                 # Odd kills: wait for a checkpoint write to begin, then kill inside it.
-                alive = wait_for(lambda: any(out.glob(".checkpoint-*.partial")), process)
+                alive = wait_until(lambda: any(out.glob(".checkpoint-*.partial")), process)
             else:
                 # Even kills: a random moment a few steps on.
                 target = start + rng.randint(1, 3)
-                alive = wait_for(lambda target=target: steps_done(out) >= target, process)
+                alive = wait_until(lambda target=target: steps_done(out) >= target, process)
                 time.sleep(rng.uniform(0, 0.05))
             if alive and process.poll() is None:
                 inside_checkpoint_write += any(out.glob(".checkpoint-*.partial"))

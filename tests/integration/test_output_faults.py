@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from watching import steps_done, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.text2image]
 
@@ -37,24 +38,6 @@ def start(config: Path, out: Path, builtin_cache: Path, *extra: str) -> subproce
     return subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-
-
-def wait_until(condition, process: subprocess.Popen, timeout: float = 180) -> bool:
-    """Poll every 2 ms; False when the process ended first."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            return False
-        assert time.monotonic() < deadline, "the run made no progress"
-        time.sleep(0.002)
-    return True
-
-
-def steps_done(out: Path) -> int:
-    try:
-        return len((out / "metrics.jsonl").read_text().splitlines())
-    except OSError:
-        return 0
 
 
 def pipeline_is_complete(out: Path) -> bool:
