@@ -250,25 +250,31 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv[argv.index(args.command) + 1 :] if args.command in argv else []
-    # Under a launcher every process runs this; one of them speaks for all (they agree: the
-    # checks run once and their verdict is shared, see training/preflight.py).
-    speaks = _process_rank() == 0
+    # Under a launcher every process runs this. An error all processes share (the checks'
+    # verdict, a signal) is said once, by the main process; one only this process hit is
+    # said by it, with its number.
+    rank = _process_rank()
     try:
         # Inside the try: importing the libraries takes seconds, and Ctrl-C may land there.
         quiet_third_party(libraries_loaded_soon=args.loads_models)
         return args.handler(args)
     except UserError as exc:
-        if speaks:
-            print(f"difftrain: error: {exc}", file=sys.stderr)
+        _say(rank, exc, f"error: {exc}")
         return exc.exit_code
     except TrainingStopped as exc:
-        if speaks:
-            print(f"difftrain: training stopped: {exc}", file=sys.stderr)
+        _say(rank, exc, f"training stopped: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        if speaks:
+        if rank == 0:
             print("difftrain: interrupted", file=sys.stderr)
         return 130
+
+
+def _say(rank: int, exc: BaseException, text: str) -> None:
+    if rank == 0:
+        print(f"difftrain: {text}", file=sys.stderr)
+    elif not getattr(exc, "shared", False):
+        print(f"difftrain: process {rank}: {text}", file=sys.stderr)
 
 
 def _process_rank() -> int:

@@ -49,6 +49,9 @@ class TrainingStopped(Exception):
 class TrainingInterrupted(TrainingStopped):
     """SIGINT / SIGTERM: a checkpoint was written; exit 128 + the signal number (130 / 143)."""
 
+    shared = True
+    """Every process stops after the same step with it: the main process says it for all."""
+
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.exit_code = 128 + signum

@@ -47,6 +47,9 @@ def launch_processes(num_processes: int, train_argv: list[str]) -> int:
         rdzv_backend="c10d",
         rdzv_endpoint=f"127.0.0.1:{free_port()}",
         max_restarts=0,  # a failed run is reported, not silently started again
+        # After a signal the workers checkpoint before they exit: give a large model's
+        # checkpoint time to be written before the launcher resorts to SIGKILL.
+        shutdown_timeout=600,
         monitor_interval=0.2,
     )
     try:

@@ -286,3 +286,23 @@ def test_checkpoint_total_limit_keeps_the_newest(
     train(cfg)
     assert [step for step, _ in list_checkpoints(tmp_path / "out")] == [3, 4]
     assert not list((tmp_path / "out").glob(".checkpoint-*"))
+
+
+def test_lora_dropout_survives_gradient_checkpointing(
+    tmp_path: Path, dummy_data_dir: Path, tiny_model_dir
+) -> None:
+    # The recomputed forward inside backward must draw the same per-sample masks.
+    runs = []
+    for checkpointing in (False, True):
+        cfg = make_config(
+            tmp_path / f"gc{checkpointing}",
+            dummy_data_dir,
+            train={"gradient_checkpointing": checkpointing, "max_steps": 2},
+            lora={"enabled": True, "dropout": 0.3, "rank": 4},
+        )
+        result = train(cfg)
+        runs.append((result.losses, load_file(result.output_dir / LORA_WEIGHTS)))
+    (losses_a, weights_a), (losses_b, weights_b) = runs
+    assert losses_b == pytest.approx(losses_a, rel=1e-5)
+    for name, value in weights_a.items():
+        torch.testing.assert_close(weights_b[name], value, rtol=0, atol=2e-5)

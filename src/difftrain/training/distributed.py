@@ -34,7 +34,9 @@ def run_on_main(accelerator, work: Callable[[], T]) -> T:
     torch.distributed.broadcast_object_list(outcome, src=0)
     kind, *payload = outcome[0]
     if kind == "error":
-        raise UserError(payload[0])  # the same exit code and line on every process
+        error = UserError(payload[0])  # the same exit code and line on every process
+        error.shared = True  # said once, by the main process
+        raise error
     return payload[0]
 
 

@@ -15,6 +15,7 @@ import torch
 from difftrain.config import dump_config
 from difftrain.errors import TrainingInterrupted, UserError
 from difftrain.training.checkpoint import load_trained_models, save_checkpoint, save_trained_models
+from difftrain.training.distributed import run_on_main
 from difftrain.training.sharding import (
     full_optimizer_state,
     load_full_model_state,
@@ -27,17 +28,32 @@ from difftrain.training.state import load_training_state, read_optimizer_state, 
 logger = logging.getLogger("difftrain")
 
 
+def _read_sharded_state(checkpoint: Path, unet) -> tuple[dict, dict]:
+    """A checkpoint's whole UNet and optimizer state for an FSDP run; refuses a checkpoint
+    written without FSDP (its optimizer state is keyed by parameter number, not name)."""
+    optimizer_state = read_optimizer_state(checkpoint)
+    if any(isinstance(key, int) for key in optimizer_state.get("state", {})):
+        raise UserError(
+            f"cannot resume from {checkpoint} with train.fsdp on: it was written by a run "
+            "without FSDP (on one process FSDP is off); resume it without FSDP, or start anew"
+        )
+    return read_unet_state(checkpoint, unet), optimizer_state
+
+
 class RunCheckpoints:
     def resume(self, checkpoint: Path) -> None:
         """Restore model, optimizer, LR schedule, RNG states and stream position."""
         accelerator = self.accelerator
         try:
             if self.fsdp:
-                # The main process reads the files and sends each process its shard.
-                main = accelerator.is_main_process
-                unet_state = read_unet_state(checkpoint, self.unet) if main else {}
+                # The main process reads the files (its verdict shared, so no process waits
+                # in a collective for one that has failed) and sends each process its shard.
+                read: list = []
+                run_on_main(
+                    accelerator, lambda: read.append(_read_sharded_state(checkpoint, self.unet))
+                )
+                unet_state, optimizer_state = read[0] if read else ({}, {})
                 load_full_model_state(self.unet, unet_state)
-                optimizer_state = read_optimizer_state(checkpoint) if main else {}
                 load_full_optimizer_state(self.unet, self.optimizer, optimizer_state)
             else:
                 load_trained_models(

@@ -5,7 +5,8 @@ The UNet is sharded block by block with torch's `fully_shard` (what accelerate's
 calls; accelerate ignores that plugin on the CPU, so difftrain applies it itself, the same on
 CPU and GPU). Whatever leaves the run is gathered first: checkpoints hold the full UNet in
 diffusers format and the full optimizer state, so a checkpoint resumes on any number of
-processes, with or without FSDP, and the final pipeline is a plain diffusers folder.
+processes with FSDP (not into a run without it, nor the reverse), and the final pipeline is a
+plain diffusers folder.
 
 Every function here that gathers is a collective: all processes must call it.
 """

@@ -24,6 +24,7 @@ from difftrain.data.dataset import CaptionedImageDataset, build_dataloader
 from difftrain.data.folder import Example
 from difftrain.errors import TrainingStopped
 from difftrain.models.loading import PipelineComponents, load_components
+from difftrain.models.sample_dropout import keyed_by
 from difftrain.training.determinism import configure_determinism, seed_everything
 from difftrain.training.distributed import (
     peers_lost_is_one_line,
@@ -347,7 +348,11 @@ class TrainingRun(RunCheckpoints, RunOutputs):
                     alphas_cumprod=self.alphas_cumprod, settings=self.loss_settings,
                 )  # fmt: skip
                 step_loss += loss.detach() / cfg.gradient_accumulation_steps
-                accelerator.backward(loss)
+                # Gradient checkpointing re-runs the forward inside backward: the per-sample
+                # LoRA dropout keys must still be there for it to draw the same masks.
+                positions = [int(p) for p in batch["position"]]
+                with keyed_by(self.loss_settings.seed, positions):
+                    accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     step_loss = accelerator.reduce(step_loss, reduction="mean")
                     skipped = not torch.isfinite(step_loss)

@@ -80,7 +80,9 @@ class ValidationLoss:
         self, unet, prediction_type: str, alphas_cumprod: torch.Tensor
     ) -> tuple[float, int]:
         """(sum of losses, number of (image, timestep) pairs) over this process's images."""
-        text_encoder = self.components.text_encoder
+        # The unwrapped encoder: a DDP wrapper's forward is a collective, and processes with no
+        # held-out images would never join it.
+        text_encoder = getattr(self.components.text_encoder, "module", self.components.text_encoder)
         total, count = 0.0, 0
         pairs = zip(self.indices, self.items, self.latents(), strict=True)
         with eval_mode(unet, text_encoder):
