@@ -198,7 +198,8 @@ def test_sigint_to_the_launcher_checkpoints_every_process(
         time.sleep(0.01)
     launcher.send_signal(signal.SIGINT)
     _, err = launcher.communicate(timeout=120)
-    assert launcher.returncode == 130, err
+    # 130 from the launcher; 143 (the workers' SIGTERM) if they exit before it reports.
+    assert launcher.returncode in (130, 143), err
     last_step = read_metrics(out / "metrics.jsonl")[-1]["step"]
     checkpoint = out / f"checkpoint-{last_step}"  # written for the signal, on the step it hit
     assert sorted(p.name for p in checkpoint.glob("rng_state_*")) == [
