@@ -183,12 +183,9 @@ def test_killing_one_process_stops_both_and_latest_finishes_the_run(
     assert_bit_identical(straight, out)
 
 
-def test_sigint_to_the_launcher_checkpoints_every_process(
-    work, dummy_data_dir: Path, builtin_cache: Path
-) -> None:
-    folder, straight = work
-    out = folder / "interrupted"
-    config = write_config(folder, dummy_data_dir, 2, max_steps=100_000)
+def start_endless_run(folder: Path, out: Path, data: Path, builtin_cache: Path) -> subprocess.Popen:
+    """A 2-process run with no end in sight, returned once it has logged 2 steps."""
+    config = write_config(folder, data, 2, max_steps=100_000)
     launcher = difftrain(
         ["--config", str(config), "--output-dir", str(out), "--num-processes", "2"], builtin_cache
     )
@@ -196,15 +193,29 @@ def test_sigint_to_the_launcher_checkpoints_every_process(
     while not (out / "metrics.jsonl").is_file() or len(read_metrics(out / "metrics.jsonl")) < 2:
         assert launcher.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
+    return launcher
+
+
+def assert_every_process_checkpointed_the_last_step(out: Path) -> None:
+    """The checkpoint written for a signal, on the step it hit, holds both RNG states."""
+    last_step = read_metrics(out / "metrics.jsonl")[-1]["step"]
+    checkpoint = out / f"checkpoint-{last_step}"
+    assert sorted(p.name for p in checkpoint.glob("rng_state_*")) == [
+        "rng_state_0.safetensors", "rng_state_1.safetensors"
+    ]  # fmt: skip
+
+
+def test_sigint_to_the_launcher_checkpoints_every_process(
+    work, dummy_data_dir: Path, builtin_cache: Path
+) -> None:
+    folder, straight = work
+    out = folder / "interrupted"
+    launcher = start_endless_run(folder, out, dummy_data_dir, builtin_cache)
     launcher.send_signal(signal.SIGINT)
     _, err = launcher.communicate(timeout=120)
     # 130 from the launcher; 143 (the workers' SIGTERM) if they exit before it reports.
     assert launcher.returncode in (130, 143), err
-    last_step = read_metrics(out / "metrics.jsonl")[-1]["step"]
-    checkpoint = out / f"checkpoint-{last_step}"  # written for the signal, on the step it hit
-    assert sorted(p.name for p in checkpoint.glob("rng_state_*")) == [
-        "rng_state_0.safetensors", "rng_state_1.safetensors"
-    ]  # fmt: skip
+    assert_every_process_checkpointed_the_last_step(out)
     assert "continue with --resume-from-checkpoint latest" in err
 
 
@@ -213,23 +224,12 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(
 ) -> None:
     folder, _ = work
     out = folder / "one-signalled"
-    config = write_config(folder, dummy_data_dir, 2, max_steps=100_000)
-    launcher = difftrain(
-        ["--config", str(config), "--output-dir", str(out), "--num-processes", "2"], builtin_cache
-    )
-    deadline = time.monotonic() + 300
-    while not (out / "metrics.jsonl").is_file() or len(read_metrics(out / "metrics.jsonl")) < 2:
-        assert launcher.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    launcher = start_endless_run(folder, out, dummy_data_dir, builtin_cache)
     workers = children(launcher.pid)
     os.kill(workers[-1], signal.SIGTERM)  # the second process only, as a scheduler might
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 143, err
-    last_step = read_metrics(out / "metrics.jsonl")[-1]["step"]
-    checkpoint = out / f"checkpoint-{last_step}"
-    assert sorted(p.name for p in checkpoint.glob("rng_state_*")) == [
-        "rng_state_0.safetensors", "rng_state_1.safetensors"
-    ]  # fmt: skip
+    assert_every_process_checkpointed_the_last_step(out)
     assert not any(alive(pid) for pid in workers)
 
 
