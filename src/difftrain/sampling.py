@@ -79,15 +79,19 @@ def load_pipeline(model_dir: str | Path, device: str | None = None, *, label: st
     from difftrain.config.schema import ModelConfig
     from difftrain.models.loading import (
         LOAD_ERRORS,
-        check_model_source,
+        model_family,
         refuse_missing_weights,
+        resolve_pretrained,
         safetensors_only,
     )
 
     name = str(model_dir)
-    source = check_model_source(ModelConfig(pretrained=name), label=label)
+    family = model_family(ModelConfig(pretrained=name), label=label, sampling=True)
+    source = resolve_pretrained(name, label)
     # Safetensors for the whole pipeline when every weight folder has them: no pickle fallback.
-    parts = ("unet", "vae", "text_encoder")
+    # (A component the pipeline leaves out, such as SD3's T5, has no folder to look at.)
+    local = Path(source).is_absolute()
+    parts = [p for p in family.weight_parts() if not local or (Path(source) / p).is_dir()]
     only_safetensors = all(safetensors_only(source, None, part) for part in parts) or None
     try:
         with diffusers_logs_silenced():
@@ -96,7 +100,8 @@ def load_pipeline(model_dir: str | Path, device: str | None = None, *, label: st
         raise UserError(
             f"{label}: could not load {name}: {first_line(exc)}; re-save or re-download the model"
         ) from None
-    for part in ("unet", "vae", "text_encoder"):
-        refuse_missing_weights(getattr(pipeline, part), f"{label}: {name}", part)
+    for part in parts:
+        if getattr(pipeline, part, None) is not None:
+            refuse_missing_weights(getattr(pipeline, part), f"{label}: {name}", part)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -78,7 +78,7 @@ def _unknown_lora_target(ws: Workspace) -> Case:
     config = ws.data_config("lt", "lora: {enabled: true, target_modules: [to_qq]}\n")
     return Case(
         ["train", "--config", config, *ws.out],
-        "lora.target_modules: ['to_qq'] do not name UNet modules",
+        "lora.target_modules: ['to_qq'] do not name modules of the UNet2DConditionModel",
         may_create=("out",),
     )
 

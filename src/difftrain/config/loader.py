@@ -95,7 +95,31 @@ def config_from_dict(raw: dict[str, Any], source: str | None = None) -> Config:
     _reject_unknown_keys(Config, raw, prefix="", source=source)
     cfg = _build(Config, raw, prefix="", source=source)
     _check_combinations(cfg, source)
+    _refuse_lora_keys_without_lora(raw, cfg, source)
     return cfg
+
+
+def _refuse_lora_keys_without_lora(raw: dict[str, Any], cfg: Config, source: str | None) -> None:
+    """`lora.rank: 8` without `lora.enabled: true` would silently run a full fine-tune.
+
+    Keys at their defaults pass: a resolved `config.yaml` lists every key.
+    """
+    section = raw.get("lora")
+    if cfg.lora.enabled or not isinstance(section, dict):
+        return
+    defaults = type(cfg.lora)()
+    stray = [
+        key
+        for key in section
+        if key != "enabled" and getattr(cfg.lora, key) != getattr(defaults, key)
+    ]
+    if stray:
+        raise ConfigError(
+            f"lora.{stray[0]}",
+            "is set but LoRA is off, so a full fine-tune would run and ignore it; set "
+            "lora.enabled: true (or remove the lora keys)",
+            source,
+        )
 
 
 def _check_combinations(cfg: Config, source: str | None) -> None:
@@ -106,8 +130,6 @@ def _check_combinations(cfg: Config, source: str | None) -> None:
             "is required when validation.loss_every_steps > 0 (a folder of held-out images)",
             source,
         )
-    if cfg.lora.train_text_encoder and not cfg.lora.enabled:
-        raise ConfigError("lora.train_text_encoder", "needs lora.enabled: true", source)
     if cfg.train.fsdp and (cfg.lora.enabled or cfg.ema.enabled):
         raise ConfigError(
             "train.fsdp",

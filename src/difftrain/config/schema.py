@@ -79,6 +79,26 @@ class ModelConfig:
     revision: str | None = None
     """Hub revision (branch, tag or commit) to load; ignored for local folders."""
 
+    family: Literal["sd", "sdxl", "sd3", "flux"] | None = None
+    """Model family; null reads it from the pipeline's model_index.json `_class_name`
+    (StableDiffusionPipeline: sd, StableDiffusionXLPipeline: sdxl, StableDiffusion3Pipeline:
+    sd3, FluxPipeline: flux). Set it for a pipeline of another class with the same layout."""
+
+    vae: str | None = None
+    """Another VAE to train and save with (an AutoencoderKL folder or hub id), e.g. SDXL's
+    fp16-fix VAE; null keeps the pipeline's own."""
+
+    vae_dtype: Literal["fp32", "fp16", "bf16"] | None = None
+    """Precision the (frozen) VAE runs in; null follows train.mixed_precision. SDXL's own VAE
+    overflows in fp16: use fp32 (or the fp16-fix VAE)."""
+
+    drop_t5: bool = False
+    """SD3: leave the T5 text encoder out (much less memory); its share of the conditioning
+    is zeros, as in SD3 pipelines without text_encoder_3, and the saved pipeline has none."""
+
+    max_sequence_length: int | None = _checked(None, _positive, maximum=4096)
+    """T5 tokens per caption (SD3 default 256, Flux 512); null uses the family's default."""
+
 
 @dataclass(kw_only=True)
 class DataConfig:
@@ -91,7 +111,7 @@ class DataConfig:
 
     resolution: int = _checked(512, _multiple_of_8, maximum=8192)
     """Training images are resized (shorter side) and cropped to this square size (at most
-    8192)."""
+    8192; Flux needs a multiple of 16, its latents are packed 2x2)."""
 
     center_crop: bool = False
     """Crop the centre; otherwise a random crop (reproducible from `train.seed`)."""
@@ -165,6 +185,28 @@ class TrainConfig:
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """Train for this parameterisation instead of the scheduler's own; the saved pipeline's
     scheduler is switched with it, so inference matches."""
+
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] | None = None
+    """Flow-matching families (sd3, flux): how training sigmas are drawn (diffusers'
+    `compute_density_for_timestep_sampling`); null is logit_normal, as in SD3's paper."""
+
+    logit_mean: float | None = None
+    """Mean of the logit-normal timestep density (null: 0.0)."""
+
+    logit_std: float | None = _checked(None, _positive)
+    """Standard deviation of the logit-normal timestep density (null: 1.0)."""
+
+    mode_scale: float | None = None
+    """Scale of the `mode` timestep density (null: 1.29)."""
+
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] | None = None
+    """Flow-matching families: per-sample loss weight from the sigma (diffusers'
+    `compute_loss_weighting_for_sd3`); null is none."""
+
+    guidance_scale: float | None = _checked(None, _non_negative)
+    """Flux: the guidance value fed to a guidance-distilled transformer (Flux.1-dev) while
+    training; null is 3.5 (as diffusers' Flux scripts). Unused by a transformer without a
+    guidance input."""
 
     snr_gamma: float | None = _checked(None, _positive)
     """Min-SNR loss weighting (Hang et al., 2023) with this gamma (5.0 is usual); null is off."""

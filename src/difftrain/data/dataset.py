@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from collections.abc import Callable
 
 import torch
 
 from difftrain.config.schema import DataConfig
 from difftrain.data.folder import Example
 from difftrain.data.sampler import ResumableSampler, SampleKey
-from difftrain.data.transforms import load_rgb, preprocess
+from difftrain.data.transforms import load_rgb, preprocess_with_crop
 
 
 class CaptionedImageDataset(torch.utils.data.Dataset):
-    """Item `SampleKey` -> {"pixel_values": CHW in [-1, 1], "input_ids": token ids,
-    "position": the sample's stream position (keys the loss's random draws)}."""
+    """Item `SampleKey` -> {"pixel_values": CHW in [-1, 1], "tokens.<tokenizer>": token ids,
+    "original_size" and "crop_top_left": (height, width) of the image as read and (top, left)
+    of the crop in the resized image (SDXL conditions on both), "position": the sample's
+    stream position (keys the loss's random draws)}.
 
-    def __init__(self, examples: list[Example], tokenizer: Any, cfg: DataConfig):
+    `tokenize` maps a caption to its token ids (the model family's `tokenize`, bound to the
+    tokenizers): the data code never knows which model it feeds.
+    """
+
+    def __init__(
+        self,
+        examples: list[Example],
+        tokenize: Callable[[str], dict[str, torch.Tensor]],
+        cfg: DataConfig,
+    ):
         self.examples = examples
-        self.tokenizer = tokenizer
+        self.tokenize = tokenize
         self.cfg = cfg
 
     def __len__(self) -> int:
@@ -28,8 +39,9 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: SampleKey) -> dict[str, torch.Tensor]:
         example = self.examples[key.index]
         rng = random.Random(key.augment_seed)
-        pixels = preprocess(
-            load_rgb(example.image_path),
+        image = load_rgb(example.image_path)
+        pixels, crop_top_left = preprocess_with_crop(
+            image,
             self.cfg.resolution,
             center_crop=self.cfg.center_crop,
             random_flip=self.cfg.random_flip,
@@ -41,18 +53,11 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
             caption = ""
         return {
             "pixel_values": pixels,
-            "input_ids": self.tokenize(caption),
+            **self.tokenize(caption),
+            "original_size": torch.tensor((image.height, image.width), dtype=torch.int64),
+            "crop_top_left": torch.tensor(crop_top_left, dtype=torch.int64),
             "position": torch.tensor(key.position, dtype=torch.int64),
         }
-
-    def tokenize(self, caption: str) -> torch.Tensor:
-        return self.tokenizer(
-            caption,
-            max_length=self.tokenizer.model_max_length,
-            padding="max_length",
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids[0]
 
 
 def build_dataloader(

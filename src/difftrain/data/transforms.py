@@ -123,6 +123,24 @@ def preprocess(
     rng: random.Random,
 ) -> torch.Tensor:
     """Resize the shorter side to `resolution`, crop a square, maybe flip; CHW float in [-1, 1]."""
+    return preprocess_with_crop(
+        image, resolution, center_crop=center_crop, random_flip=random_flip, rng=rng
+    )[0]
+
+
+def preprocess_with_crop(
+    image: Image.Image,
+    resolution: int,
+    *,
+    center_crop: bool,
+    random_flip: bool,
+    rng: random.Random,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`preprocess`, and the crop's (top, left) in the resized image as the pixels show it.
+
+    A flipped crop is reported mirrored (its left edge counted from the right), so the crop
+    box SDXL conditions on describes the image it sees.
+    """
     width, height = image.size
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -136,5 +154,7 @@ def preprocess(
     image = image.crop((left, top, left + resolution, top + resolution))
     if random_flip and rng.random() < 0.5:
         image = ImageOps.mirror(image)
+        left = size[0] - left - resolution
     array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return pixels, (top, left)

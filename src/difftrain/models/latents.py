@@ -25,8 +25,12 @@ class LatentPosterior:
 
 @torch.no_grad()
 def encode_posterior(vae, pixels: torch.Tensor) -> LatentPosterior:
-    """fp32 posterior of `pixels` (in [-1, 1]) after the VAE's shift and scaling factor."""
-    posterior = vae.encode(pixels).latent_dist
+    """fp32 posterior of `pixels` (in [-1, 1]) after the VAE's shift and scaling factor.
+
+    The pixels are cast to the VAE's own dtype: it may run in fp32 beside a half-precision
+    denoiser (`model.vae_dtype`).
+    """
+    posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     scale = vae.config.scaling_factor
     return LatentPosterior(

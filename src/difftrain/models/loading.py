@@ -19,13 +19,15 @@ from safetensors import SafetensorError
 
 from difftrain.config.schema import ModelConfig
 from difftrain.errors import UserError
+from difftrain.models.families.base import ModelFamily
 from difftrain.models.pipeline_checks import (
+    TRUSTED_LIBRARIES,
     check_pipeline,
     first_line,
     scheduler_class,
     uses_safetensors,
 )
-from difftrain.models.tiny import BUILTIN_PREFIX, TINY_MODELS, builtin_model_path
+from difftrain.models.tiny import BUILTIN_PREFIX, BUILTINS, builtin_model_path
 from difftrain.quiet import diffusers_logs_silenced
 
 # What loaders raise for a file the user gave: missing, corrupt, of the wrong shape, a pickle
@@ -35,19 +37,43 @@ LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError, pickle.Unpick
 
 @dataclass
 class PipelineComponents:
-    """The parts of a Stable-Diffusion-layout pipeline that training touches."""
+    """The parts of a pipeline that training touches, and the family that knows them."""
 
-    tokenizer: Any
-    text_encoder: Any
-    vae: Any
-    unet: Any
+    family: ModelFamily
+    parts: dict[str, Any]
+    """Tokenizers, text encoders, VAE and denoiser, by the pipeline's component names."""
     noise_scheduler: Any
-    """A DDPM scheduler with the pipeline's noise schedule (training adds noise with it)."""
+    """The training scheduler: DDPM with the pipeline's noise schedule (DDPM families), or the
+    pipeline's flow-matching scheduler (its sigma table)."""
     inference_scheduler: Any
     """The pipeline's own sampling scheduler (e.g. PNDM for SD 1.x), for validation images."""
     source: str
     """Resolved `model.pretrained`: an absolute folder or a hub id."""
     revision: str | None
+    vae_source: str | None = None
+    """Resolved `model.vae`, when the run swaps the pipeline's VAE for another."""
+    device: Any = "cpu"
+    """Where the run computes (set once the models are placed)."""
+
+    @property
+    def denoiser(self) -> Any:
+        return self.parts[self.family.denoiser]
+
+    @denoiser.setter
+    def denoiser(self, model: Any) -> None:
+        self.parts[self.family.denoiser] = model
+
+    @property
+    def vae(self) -> Any:
+        return self.parts["vae"]
+
+    @property
+    def text_encoders(self) -> dict[str, Any]:
+        """The text encoders this run loaded, by component name."""
+        return {n: self.parts[n] for n in self.family.text_encoders if n in self.parts}
+
+    def tokenizers(self) -> dict[str, Any]:
+        return {n: self.parts[n] for n in self.family.tokenizers if n in self.parts}
 
 
 def resolve_pretrained(name: str, label: str = "model.pretrained") -> str:
@@ -57,8 +83,8 @@ def resolve_pretrained(name: str, label: str = "model.pretrained") -> str:
     """
     if name.startswith(BUILTIN_PREFIX):
         size = name.removeprefix(BUILTIN_PREFIX)
-        if size not in TINY_MODELS:
-            known = ", ".join(BUILTIN_PREFIX + s for s in TINY_MODELS)
+        if size not in BUILTINS:
+            known = ", ".join(BUILTIN_PREFIX + s for s in BUILTINS)
             raise UserError(f"{label}: unknown built-in model {name!r}; use one of {known}")
         return str(builtin_model_path(name))
     path = Path(name).expanduser()
@@ -81,12 +107,52 @@ def check_model_source(cfg: ModelConfig, label: str = "model.pretrained") -> str
     """Pre-flight check of `model.pretrained` before any training: returns the resolved source.
 
     Refuses (UserError) what training could not load or must not run: a hub id that cannot be
-    reached, a pipeline that needs custom code, one that is not Stable Diffusion, an unknown
-    scheduler, missing component folders, broken JSON or truncated weights. It reads JSON
-    files and safetensors headers only, so it is quick even for a large model.
+    reached, a pipeline that needs custom code, one of a family difftrain does not train, an
+    unknown scheduler, missing component folders, broken JSON or truncated weights. It reads
+    JSON files and safetensors headers only, so it is quick even for a large model.
     """
+    return _checked_source(cfg, label)[0]
+
+
+def model_family(
+    cfg: ModelConfig, train_cfg=None, label: str = "model.pretrained", *, sampling: bool = False
+) -> ModelFamily:
+    """The family of `cfg.pretrained` (checked as `check_model_source` does), built with the
+    run's options; `train_cfg` gives Flux's guidance value. `sampling` accepts components
+    the pipeline sets to null."""
+    from difftrain.models.families import family_class
+    from difftrain.models.families.base import FamilyOptions
+
+    _, name = _checked_source(cfg, label, sampling=sampling)
+    options = FamilyOptions(
+        max_sequence_length=cfg.max_sequence_length,
+        drop_t5=cfg.drop_t5,
+        guidance_scale=getattr(train_cfg, "guidance_scale", None),
+    )
+    return family_class(name)(options)
+
+
+def _checked_source(cfg: ModelConfig, label: str, sampling: bool = False) -> tuple[str, str]:
     source = resolve_pretrained(cfg.pretrained, label)
-    check_pipeline(source, _revision(cfg, source), name=cfg.pretrained, label=label)
+    dropped = ("text_encoder_3", "tokenizer_3") if cfg.drop_t5 else ()
+    family = check_pipeline(
+        source, _revision(cfg, source), name=cfg.pretrained, label=label,
+        family=cfg.family, dropped=dropped, allow_absent=sampling,
+    )  # fmt: skip
+    if cfg.vae is not None:
+        check_vae_source(cfg.vae)
+    return source, family
+
+
+def check_vae_source(name: str) -> str:
+    """`model.vae`: an AutoencoderKL folder or hub id, checked like a pipeline component."""
+    from difftrain.models.pipeline_checks import check_single_model
+
+    path = Path(name).expanduser()
+    source = str(path.resolve()) if path.is_dir() else name
+    if not path.is_dir() and _looks_like_path(name):
+        raise UserError(f"model.vae: folder {name} does not exist; fix the path or use a hub id")
+    check_single_model(source, "AutoencoderKL", name=name, label="model.vae")
     return source
 
 
@@ -102,48 +168,79 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def load_components(cfg: ModelConfig) -> PipelineComponents:
-    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def load_components(cfg: ModelConfig, family: ModelFamily | None = None) -> PipelineComponents:
+    """Load the family's tokenizers, text encoders, VAE and denoiser, and its schedulers.
 
+    Each component loads with the class its `model_index.json` entry names (checked to be
+    diffusers' or transformers' own by the pre-flight).
+    """
+    import diffusers
+
+    family = family or model_family(cfg)
     source = resolve_pretrained(cfg.pretrained)
     revision = _revision(cfg, source)
+    where = f"model.pretrained: {cfg.pretrained}"
 
-    def load(loader: Any, subfolder: str, **kwargs: Any) -> Any:
-        if isinstance(loader, type):
-            loader = loader.from_pretrained
+    def load(loader: Any, subfolder: str | None, origin: str = source, **kwargs: Any) -> Any:
         try:
             # The libraries log (and warn about) a failure before raising it: the raised error
             # is reported, once, as one line.
             with diffusers_logs_silenced():
-                loaded = loader(source, subfolder=subfolder, revision=revision, **kwargs)
+                return loader(
+                    origin, subfolder=subfolder, revision=revision if origin == source else None,
+                    **kwargs,
+                )  # fmt: skip
         except LOAD_ERRORS as exc:
+            label = "model.vae" if origin != source else "model.pretrained"
+            what = subfolder or "the VAE"
             raise UserError(
-                f"model.pretrained: could not load {subfolder} of {cfg.pretrained!r}: "
-                f"{first_line(exc)}; check the hub id or folder, the network, and "
-                "HF_HUB_OFFLINE (offline mode needs the model in the local cache)"
+                f"{label}: could not load {what} of {origin!r}: {first_line(exc)}; check the hub "
+                "id or folder, the network, and HF_HUB_OFFLINE (offline mode needs the model in "
+                "the local cache)"
             ) from None
-        return loaded
 
-    def weights(loader: Any, subfolder: str) -> Any:
-        only_safetensors = safetensors_only(source, revision, subfolder)
-        model = load(loader, subfolder, use_safetensors=only_safetensors)
-        refuse_missing_weights(model, f"model.pretrained: {cfg.pretrained}", subfolder)
-        return model
+    index = load(diffusers.DiffusionPipeline.load_config, None)
+    parts: dict[str, Any] = {}
+    for name in family.parts_to_load():
+        cls = component_class(index, name, where)
+        if name in family.tokenizers:
+            parts[name] = load(cls.from_pretrained, name)
+            continue
+        only_safetensors = safetensors_only(source, revision, name)
+        parts[name] = load(cls.from_pretrained, name, use_safetensors=only_safetensors)
+        refuse_missing_weights(parts[name], where, name)
+    vae_source = None
+    if cfg.vae is not None:
+        vae_source = check_vae_source(cfg.vae)
+        subfolder = "vae" if (Path(vae_source) / "vae").is_dir() else None
+        parts["vae"] = load(diffusers.AutoencoderKL.from_pretrained, subfolder, vae_source)
+        refuse_missing_weights(parts["vae"], f"model.vae: {cfg.vae}", "vae")
 
-    scheduler_config = load(DDPMScheduler.load_config, "scheduler")
-    inference_class = scheduler_class(scheduler_config, f"model.pretrained: {cfg.pretrained}")
+    scheduler_config = load(diffusers.DDPMScheduler.load_config, "scheduler")
+    inference_class = scheduler_class(scheduler_config, where)
+    training_class = inference_class if family.flow_matching else diffusers.DDPMScheduler
     return PipelineComponents(
-        tokenizer=load(CLIPTokenizer, "tokenizer"),
-        text_encoder=weights(CLIPTextModel, "text_encoder"),
-        vae=weights(AutoencoderKL, "vae"),
-        unet=weights(UNet2DConditionModel, "unet"),
-        noise_scheduler=DDPMScheduler.from_config(scheduler_config),
+        family=family,
+        parts=parts,
+        noise_scheduler=training_class.from_config(scheduler_config),
         inference_scheduler=inference_class.from_config(scheduler_config),
         source=source,
         revision=revision,
+        vae_source=vae_source,
     )
+
+
+def component_class(index: dict[str, Any], name: str, where: str) -> type:
+    """The class `model_index.json` names for component `name` (diffusers or transformers)."""
+    import importlib
+
+    entry = index.get(name)
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in TRUSTED_LIBRARIES):
+        raise UserError(
+            f"{where}: model_index.json has no diffusers or transformers class for {name} "
+            f"(found {entry!r}); re-save the pipeline with save_pretrained"
+        )
+    return getattr(importlib.import_module(entry[0]), entry[1])
 
 
 def refuse_missing_weights(model: Any, where: str, part: str) -> None:

@@ -1,5 +1,6 @@
-"""LoRA adapters (peft) on the UNet and, optionally, the text encoder; saved in diffusers' LoRA
-format so `pipe.load_lora_weights(folder)` reads them as they are.
+"""LoRA adapters (peft) on the denoiser and, optionally, the CLIP text encoders; saved in
+diffusers' LoRA format so the family pipeline's `load_lora_weights(folder)` reads them as they
+are.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def add_lora_adapters(unet, text_encoder, cfg: LoraConfig) -> None:
-    """Freeze the base weights and add trainable adapters (fp32, whatever the base dtype)."""
+def add_lora_adapters(denoiser, text_encoders: dict, cfg: LoraConfig) -> None:
+    """Freeze the base weights and add trainable adapters (fp32, whatever the base dtype).
+
+    `text_encoders`: the encoders that get adapters too (empty unless
+    `lora.train_text_encoder`), by component name.
+    """
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig as PeftLoraConfig
 
@@ -33,16 +38,16 @@ def add_lora_adapters(unet, text_encoder, cfg: LoraConfig) -> None:
             target_modules=targets,
         )
 
-    unet.requires_grad_(False)
+    denoiser.requires_grad_(False)
     try:
-        unet.add_adapter(adapter(cfg.target_modules))
+        denoiser.add_adapter(adapter(cfg.target_modules))
     except ValueError as exc:  # peft: none of the target modules exist in the model
         raise UserError(
-            f"lora.target_modules: {cfg.target_modules} do not name UNet modules ({exc}); "
-            "use names such as to_q, to_k, to_v, to_out.0"
+            f"lora.target_modules: {cfg.target_modules} do not name modules of the "
+            f"{type(denoiser).__name__} ({exc}); use names such as to_q, to_k, to_v, to_out.0"
         ) from None
-    trained = [unet]
-    if cfg.train_text_encoder:
+    trained = [denoiser]
+    for text_encoder in text_encoders.values():
         text_encoder.requires_grad_(False)
         _add_text_encoder_adapter(text_encoder, adapter(TEXT_ENCODER_TARGETS))
         trained.append(text_encoder)
@@ -67,50 +72,55 @@ def _add_text_encoder_adapter(text_encoder, config) -> None:
     text_encoder.peft_config = {"default": config}
 
 
-def save_lora_weights(folder: Path, unet, text_encoder=None) -> Path:
-    """Write `pytorch_lora_weights.safetensors` (with each adapter's rank and alpha).
+def save_lora_weights(folder: Path, family, denoiser, text_encoders: dict | None = None) -> Path:
+    """Write `pytorch_lora_weights.safetensors` (with each adapter's rank and alpha) in the
+    family pipeline's LoRA format, so its `load_lora_weights` reads it.
 
     Written beside its final name and renamed in, so a kill never leaves a torn file.
     """
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".lora.", suffix=TEMP_SUFFIX, dir=folder))
     try:
-        _write_lora(staging, unet, text_encoder)
+        _write_lora(staging, family, denoiser, text_encoders or {})
         os.replace(staging / LORA_WEIGHTS, folder / LORA_WEIGHTS)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder / LORA_WEIGHTS
 
 
-def _write_lora(folder: Path, unet, text_encoder) -> None:
-    from diffusers import StableDiffusionPipeline
+def _write_lora(folder: Path, family, denoiser, text_encoders: dict) -> None:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    def layers(model):
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    def layers(model, convert: bool = True):
+        state = get_peft_model_state_dict(model)
+        return convert_state_dict_to_diffusers(state) if convert else state
 
-    StableDiffusionPipeline.save_lora_weights(
-        save_directory=str(folder),
-        unet_lora_layers=layers(unet),
-        text_encoder_lora_layers=layers(text_encoder) if text_encoder is not None else None,
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-        text_encoder_lora_adapter_metadata=(
-            text_encoder.peft_config["default"].to_dict() if text_encoder is not None else None
-        ),
-        safe_serialization=True,
+    # UNet and CLIP adapters go in diffusers' own key format, as its SD / SDXL scripts write
+    # them; transformer adapters keep peft's keys, as its SD3 / Flux scripts do.
+    name = family.denoiser
+    kwargs = {
+        f"{name}_lora_layers": layers(denoiser, convert=name == "unet"),
+        f"{name}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict(),
+    }
+    for part, text_encoder in text_encoders.items():
+        kwargs[f"{part}_lora_layers"] = layers(text_encoder)
+        kwargs[f"{part}_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
+    family.pipeline_type().save_lora_weights(
+        save_directory=str(folder), safe_serialization=True, **kwargs
     )
 
 
-def load_lora_weights_into(folder: Path, unet, text_encoder=None) -> None:
+def load_lora_weights_into(folder: Path, family, denoiser, text_encoders: dict | None = None):
     """Set adapters saved by `save_lora_weights` back into peft-wrapped models (resume)."""
-    from diffusers import StableDiffusionPipeline
     from diffusers.training_utils import _set_state_dict_into_text_encoder
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
-    state, _ = StableDiffusionPipeline.lora_state_dict(str(folder))
-    unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-    set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), "default")
-    if text_encoder is not None:
-        _set_state_dict_into_text_encoder(state, prefix="text_encoder.", text_encoder=text_encoder)
+    state = family.pipeline_type().lora_state_dict(str(folder))
+    state = state[0] if isinstance(state, tuple) else state  # SD's also returns network alphas
+    prefix = f"{family.denoiser}."
+    own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(own), "default")
+    for part, text_encoder in (text_encoders or {}).items():
+        _set_state_dict_into_text_encoder(state, prefix=f"{part}.", text_encoder=text_encoder)

@@ -2,10 +2,10 @@
 
 diffusers and transformers load what a model folder asks for: a custom pipeline class, a
 component from the repo's own Python module, an `auto_map` into remote code. difftrain never
-runs such code, and it trains only Stable Diffusion pipelines, so both are refused here with one
-line, from the JSON files alone. Broken files (JSON that does not parse, truncated safetensors)
-are refused here too: the loaders would report them with tracebacks or log lines, and only after
-minutes of loading a large model.
+runs such code, and it trains only the pipeline families in `models/families`, so both are
+refused here with one line, from the JSON files alone. Broken files (JSON that does not parse,
+truncated safetensors) are refused here too: the loaders would report them with tracebacks or
+log lines, and only after minutes of loading a large model.
 
 A hub id is checked through its snapshot in the Hugging Face cache: its JSON and Python files
 are fetched (offline: taken from the cache), never its weights.
@@ -20,43 +20,85 @@ from pathlib import Path
 from typing import Any
 
 from difftrain.errors import UserError
+from difftrain.models.families import FAMILY_NAMES, PIPELINE_CLASSES, family_for_class
 
-SUPPORTED_PIPELINE = "StableDiffusionPipeline"
-REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
-"""Components whose folder must hold weights (the tokenizer and scheduler are JSON/text)."""
-CONFIG_FILES = {
-    "unet": "config.json",
-    "vae": "config.json",
-    "text_encoder": "config.json",
-    "scheduler": "scheduler_config.json",
-}
 TRUSTED_LIBRARIES = ("diffusers", "transformers")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 NEVER_RUN = "which needs trust_remote_code (custom code), and difftrain never runs custom code"
 
 
-def check_pipeline(source: str, revision: str | None, *, name: str, label: str) -> Path:
-    """Refuse a pipeline difftrain cannot or must not load; returns the folder that was read.
+def check_pipeline(
+    source: str,
+    revision: str | None,
+    *,
+    name: str,
+    label: str,
+    family: str | None = None,
+    dropped: tuple[str, ...] = (),
+    allow_absent: bool = False,
+) -> str:
+    """Refuse a pipeline difftrain cannot or must not load; returns its family's name.
 
     `source` is what `resolve_pretrained` returned (an absolute folder or a hub id), `name`
     what the user wrote and `label` the option that named it (`model.pretrained`, `--model`).
+    `family` (model.family) overrides the family `model_index.json` implies; `dropped` names
+    components the run leaves out (they need not exist). `allow_absent` (sampling) accepts
+    components the index sets to null, as diffusers does (SD3 saved without T5).
     """
+    from difftrain.models.families import family_class
+
     local = os.path.isabs(source)
     folder = Path(source) if local else hub_snapshot(source, revision, name=name, label=label)
     where = f"{label}: {name}"
     index = read_json(folder, "model_index.json", where)
     if index is None:
         raise UserError(f"{where} has no model_index.json; it is not a diffusers pipeline")
-    _check_pipeline_class(index, where)
+    family = _pipeline_family(index, where, family)
+    layout = family_class(family)()
+    absent = tuple(part for part in layout.required_parts() if index.get(part) == [None, None])
+    if absent and not allow_absent:
+        missing = [part for part in absent if part not in dropped]
+        if missing:
+            fix = (
+                "set model.drop_t5: true to train without T5"
+                if missing[0] in ("text_encoder_3", "tokenizer_3")
+                else "re-save the pipeline with it"
+            )
+            raise UserError(f"{where}: model_index.json sets {missing[0]} to null; {fix}")
+    dropped = (*dropped, *absent)
+    required = tuple(part for part in layout.required_parts() if part not in dropped)
+    weights = tuple(part for part in layout.weight_parts() if part not in dropped)
     components = _check_component_entries(index, where)
     if local:
-        _check_component_folders(folder, where)
-    _check_component_files(folder, components, where, require=local)
+        _check_component_folders(folder, where, required, layout.title)
+    _check_component_files(folder, components, where, required, weights if local else ())
     scheduler_config = read_json(folder, "scheduler/scheduler_config.json", where)
     if scheduler_config is not None:
         scheduler_class(scheduler_config, where)
-    return folder
+    return family
+
+
+def check_single_model(source: str, class_name: str, *, name: str, label: str) -> None:
+    """Refuse a single-model folder or hub id (`model.vae`) that is not a `class_name` in
+    diffusers format, ships code, or has damaged weights. A pipeline folder's `vae/` counts."""
+    local = os.path.isabs(source)
+    folder = Path(source) if local else hub_snapshot(source, None, name=name, label=label)
+    where = f"{label}: {name}"
+    if (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    config = read_json(folder, "config.json", where)
+    if config is None:
+        raise UserError(f"{where} has no config.json; point it at a {class_name} folder")
+    if config.get("_class_name") != class_name:
+        raise UserError(
+            f"{where}: config.json names class {config.get('_class_name')!r}, not {class_name}; "
+            f"point it at a {class_name} folder"
+        )
+    code = sorted(folder.glob("*.py"))
+    if code or "auto_map" in config:
+        found = code[0].name if code else "an auto_map"
+        raise UserError(f"{where}: it ships Python code ({found}), {NEVER_RUN}")
+    _check_weights(folder, folder.name, where, require=local)
 
 
 def hub_snapshot(repo_id: str, revision: str | None, *, name: str, label: str) -> Path:
@@ -125,7 +167,9 @@ def uses_safetensors(folder: Path, component: str) -> bool:
     )
 
 
-def _check_pipeline_class(index: dict[str, Any], where: str) -> None:
+def _pipeline_family(index: dict[str, Any], where: str, family: str | None) -> str:
+    """The family of a pipeline whose class diffusers ships: `family` when given (a layout
+    the user vouches for), else the one that trains its class."""
     import diffusers
 
     name = index.get("_class_name")
@@ -137,11 +181,16 @@ def _check_pipeline_class(index: dict[str, Any], where: str) -> None:
             f"diffusers {diffusers.__version__}; a pipeline diffusers does not ship is custom "
             f"code, {NEVER_RUN}"
         )
-    if name != SUPPORTED_PIPELINE:
+    if family is not None:
+        return family
+    found = family_for_class(name)
+    if found is None:
+        supported = ", ".join(f"{cls} ({f})" for f, cls in PIPELINE_CLASSES.items())
         raise UserError(
-            f"{where} is a {name}; difftrain supports {SUPPORTED_PIPELINE} models only "
-            "(Stable Diffusion 1.x / 2.x layout)"
+            f"{where} is a {name}, which difftrain does not train; it trains {supported}; "
+            f"set model.family (one of {', '.join(FAMILY_NAMES)}) if its layout is one of these"
         )
+    return found
 
 
 def _check_component_entries(index: dict[str, Any], where: str) -> list[str]:
@@ -186,29 +235,44 @@ def _trusted_library(library: str) -> bool:
     return importlib.util.find_spec(f"diffusers.pipelines.{library}") is not None
 
 
-def _check_component_folders(folder: Path, where: str) -> None:
-    for part in REQUIRED_COMPONENTS:
+def _check_component_folders(
+    folder: Path, where: str, required: tuple[str, ...], family: str
+) -> None:
+    for part in required:
         if not (folder / part).is_dir():
-            needed = ", ".join(f"{p}/" for p in REQUIRED_COMPONENTS)
+            needed = ", ".join(f"{p}/" for p in required)
             raise UserError(
-                f"{where} has no {part}/ folder; a Stable Diffusion pipeline needs {needed} "
+                f"{where} has no {part}/ folder; a {family} pipeline needs {needed} "
                 "(write it with save_pretrained)"
             )
-        config = CONFIG_FILES.get(part)
+        config = _config_file(part)
         if config and not (folder / part / config).is_file():
             raise UserError(f"{where}: {part}/{config} is missing; re-save or re-download it")
 
 
-def _check_component_files(folder: Path, components: list[str], where: str, require: bool) -> None:
+def _config_file(part: str) -> str | None:
+    """The JSON file a component folder must have (tokenizers vary, so none for them)."""
+    if part == "scheduler":
+        return "scheduler_config.json"
+    return None if part.startswith("tokenizer") else "config.json"
+
+
+def _check_component_files(
+    folder: Path,
+    components: list[str],
+    where: str,
+    required: tuple[str, ...],
+    must_hold_weights: tuple[str, ...],
+) -> None:
     """No Python files, no `auto_map`, JSON that parses, weights present and complete.
 
-    `require`: a local folder must hold every weight file; a hub snapshot holds only what was
-    fetched so far, so only the files it has are checked.
+    `must_hold_weights`: a local folder must hold every weight file; a hub snapshot holds
+    only what was fetched so far, so only the files it has are checked.
     """
     code = sorted(folder.glob("*.py"))
     if code:
         raise UserError(f"{where}: it ships Python code ({code[0].name}), {NEVER_RUN}")
-    for part in dict.fromkeys([*REQUIRED_COMPONENTS, *components]):
+    for part in dict.fromkeys([*required, *components]):
         part_dir = folder / part
         if not part.isidentifier() or not part_dir.is_dir():
             continue  # a key that is no folder name cannot hold files diffusers reads
@@ -222,7 +286,7 @@ def _check_component_files(folder: Path, components: list[str], where: str, requ
                     f"{where}: {part}/{config_path.name} has an auto_map into the model's own "
                     f"code, {NEVER_RUN}"
                 )
-        _check_weights(part_dir, part, where, require=require and part in WEIGHT_COMPONENTS)
+        _check_weights(part_dir, part, where, require=part in must_hold_weights)
 
 
 def _check_weights(part_dir: Path, part: str, where: str, require: bool) -> None:

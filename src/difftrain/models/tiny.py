@@ -1,13 +1,15 @@
-"""Random-weight Stable-Diffusion-1.x-layout pipelines, built locally from a fixed seed.
+"""Random-weight pipelines, built locally from a fixed seed: the `builtin:` models.
 
-Tests and the quick start train these instead of downloading a model. `tiny` is about the size
-of diffusers' own test pipelines; `small` is a 3-level UNet for benchmarks that need a step
-long enough to time. Both keep SD's geometry: the VAE downsamples by 8, so a 64 px image is an
-8x8 latent, and the UNet's `sample_size` makes the pipeline's default image size 64 px.
+Tests and the quick start train these instead of downloading a model. `tiny` and `small` are
+Stable Diffusion 1.x layouts (`tiny` about the size of diffusers' own test pipelines, `small`
+a 3-level UNet for benchmarks that need a step long enough to time); `tiny-sdxl`,
+`tiny-sd3` and `tiny-flux` are each family's `build_tiny`. All keep SD's geometry: the VAE
+downsamples by 8, so a 64 px image is an 8x8 latent, and the default image size is 64 px.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -19,6 +21,15 @@ from difftrain.models.tokenizer import save_clip_tokenizer, write_clip_vocab_fil
 BUILTIN_PREFIX = "builtin:"
 # Bump when a spec changes, so cached builds of the old spec are not reused.
 BUILD_VERSION = 2
+
+BUILTINS: dict[str, str] = {
+    "tiny": "sd",
+    "small": "sd",
+    "tiny-sdxl": "sdxl",
+    "tiny-sd3": "sd3",
+    "tiny-flux": "flux",
+}
+"""Built-in model name (after `builtin:`) -> its family."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,11 +146,19 @@ def save_tiny_pipeline(
     output_dir: Path, size: str = "tiny", seed: int = 0, *, keep_existing: bool = False
 ) -> Path:
     """Build and write the pipeline to `output_dir` atomically (diffusers folder layout)."""
-    pipeline = build_tiny_pipeline(size, seed)
+    if size in TINY_MODELS:
+        pipeline = build_tiny_pipeline(size, seed)
+    else:
+        from difftrain.models.families import family_class
+
+        pipeline = family_class(BUILTINS[size]).build_tiny(seed)
     with atomic_directory(output_dir, keep_existing=keep_existing) as tmp:
         pipeline.save_pretrained(str(tmp), safe_serialization=True)
         # Newer transformers save only tokenizer.json; keep CLIP's own files for older readers.
-        write_clip_vocab_files(tmp / "tokenizer")
+        for tokenizer in sorted(tmp.glob("tokenizer*/tokenizer_config.json")):
+            config = json.loads(tokenizer.read_text(encoding="utf-8"))
+            if "CLIP" in config.get("tokenizer_class", ""):
+                write_clip_vocab_files(tokenizer.parent)
     return output_dir
 
 

@@ -186,39 +186,44 @@ def save_checkpoint(
     return final
 
 
-def save_trained_models(folder: Path, *, unet, text_encoder=None, lora: bool, ema=None) -> None:
+def save_trained_models(
+    folder: Path, *, family, denoiser, text_encoders: dict | None = None, lora: bool, ema=None
+) -> None:
     """The trained models in diffusers formats, so a checkpoint's weights load on their own.
 
-    Full fine-tune: `unet/` (`UNet2DConditionModel.from_pretrained`); LoRA:
-    `pytorch_lora_weights.safetensors` (`pipe.load_lora_weights`); EMA: `unet_ema/`.
-    `unet` and `text_encoder` are the unwrapped models; `text_encoder` only when it trains.
+    Full fine-tune: `unet/` or `transformer/` (the denoiser's `from_pretrained`); LoRA:
+    `pytorch_lora_weights.safetensors` (the pipeline's `load_lora_weights`); EMA: `unet_ema/`
+    (`transformer_ema/`). The models are unwrapped; `text_encoders` only those that train.
     """
     from difftrain.models.lora import save_lora_weights
 
+    name = family.denoiser
     if lora:
-        save_lora_weights(folder, unet, text_encoder)
+        save_lora_weights(folder, family, denoiser, text_encoders)
     else:
-        unet.save_pretrained(folder / "unet", safe_serialization=True)
+        denoiser.save_pretrained(folder / name, safe_serialization=True)
     if ema is not None:
-        ema.save_pretrained(str(folder / "unet_ema"))
+        ema.save_pretrained(str(folder / f"{name}_ema"))
 
 
 def load_trained_models(
-    folder: Path, *, unet, text_encoder=None, lora: bool, ema=None, device=None
-) -> None:
+    folder: Path, *, family, denoiser, text_encoders: dict | None = None, lora: bool, ema=None,
+    device=None,
+) -> None:  # fmt: skip
     """Load what `save_trained_models` wrote into the live models (safetensors only)."""
     from difftrain.models.lora import load_lora_weights_into
 
+    name = family.denoiser
     if lora:
-        load_lora_weights_into(folder, unet, text_encoder)
+        load_lora_weights_into(folder, family, denoiser, text_encoders)
     else:
-        loaded = type(unet).from_pretrained(folder, subfolder="unet", use_safetensors=True)
-        unet.load_state_dict(loaded.state_dict())
+        loaded = type(denoiser).from_pretrained(folder, subfolder=name, use_safetensors=True)
+        denoiser.load_state_dict(loaded.state_dict())
         del loaded
     if ema is not None:
         from diffusers.training_utils import EMAModel
 
-        loaded = EMAModel.from_pretrained(str(folder / "unet_ema"), type(unet))
+        loaded = EMAModel.from_pretrained(str(folder / f"{name}_ema"), type(denoiser))
         ema.load_state_dict(loaded.state_dict())
         ema.to(device)
         del loaded

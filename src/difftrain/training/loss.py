@@ -1,4 +1,6 @@
-"""The denoising loss of one batch, shared by training and (in parts) the validation loss.
+"""The denoising loss of one batch, in two parts shared by training and the validation loss:
+`encode_batch` (images to a latent posterior, captions to conditioning) and `denoising_loss`
+(given latents, conditioning and the random draws, the weighted error of the denoiser).
 
 Every random draw of a sample (its latent sample, noise, offset noise, timestep and input
 perturbation, and its LoRA dropout masks) comes from a generator keyed by (run seed, the
@@ -14,25 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from difftrain.diffusion import add_noise, sample_timesteps, training_target
-from difftrain.diffusion.noise import offset_noise, perturbed_noise
-from difftrain.diffusion.weighting import min_snr_weights, snr, weighted_mse
-from difftrain.models.latents import encode_posterior
+from difftrain.diffusion.weighting import weighted_mse
+from difftrain.models.latents import LatentPosterior, encode_posterior
 from difftrain.models.sample_dropout import keyed_by
 from difftrain.seeds import generator
+from difftrain.training.objective import LossSettings
 
-
-@dataclass(frozen=True)
-class LossSettings:
-    """What shapes the loss, from the `train` section (built once per run)."""
-
-    prediction_type: str
-    seed: int = 0
-    snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    input_perturbation: float = 0.0
-    weight_dtype: torch.dtype = torch.float32
-    train_text_encoder: bool = False
+__all__ = ["LossSettings", "SampleDraws", "denoising_loss", "diffusion_loss", "encode_batch"]
 
 
 @dataclass
@@ -45,61 +35,52 @@ class SampleDraws:
     model_noise: torch.Tensor
     """The noise that builds the model input (input perturbation included)."""
     timesteps: torch.Tensor
+    """Per sample: a DDPM timestep, or an index into the flow scheduler's sigma table."""
 
 
-def draw_for_samples(
-    positions: list[int], latent_shape: tuple[int, ...], num_timesteps: int, settings: LossSettings
-) -> SampleDraws:
+def draw_for_samples(positions: list[int], latent_shape: tuple[int, ...], objective) -> SampleDraws:
     """Each sample's draws from its own generator, (seed, "sample", position)."""
     rows = []
     for position in positions:
-        rng = generator(settings.seed, "sample", position)
+        rng = generator(objective.settings.seed, "sample", position)
         latent_eps = torch.randn((1, *latent_shape), generator=rng)
-        noise = torch.randn((1, *latent_shape), generator=rng)
-        noise = offset_noise(noise, settings.noise_offset, rng)
-        timesteps = sample_timesteps(1, num_timesteps, rng)
-        model_noise = perturbed_noise(noise, settings.input_perturbation, rng)
-        rows.append((latent_eps, noise, model_noise, timesteps))
-    latent_eps, noise, model_noise, timesteps = (
-        torch.cat(column) for column in zip(*rows, strict=True)
-    )
-    return SampleDraws(latent_eps, noise, model_noise, timesteps)
+        rows.append((latent_eps, *objective.draw(rng, latent_shape)))
+    columns = (torch.cat(column) for column in zip(*rows, strict=True))
+    return SampleDraws(*columns)
 
 
-def diffusion_loss(
-    batch: dict[str, torch.Tensor],
-    components,
-    unet: torch.nn.Module,
-    *,
-    alphas_cumprod: torch.Tensor,
-    settings: LossSettings,
-) -> torch.Tensor:
-    """The denoising loss of one batch (latents and text embeddings made on the fly)."""
-    positions = [int(p) for p in batch["position"]]
-    with keyed_by(settings.seed, positions):  # LoRA dropout masks, per sample
-        return _denoising_loss(batch, positions, components, unet, alphas_cumprod, settings)
-
-
-def _denoising_loss(batch, positions, components, unet, alphas_cumprod, settings):
-    device = alphas_cumprod.device
-    pixels = batch["pixel_values"].to(device, dtype=settings.weight_dtype, non_blocking=True)
+def encode_batch(batch: dict, components, settings: LossSettings) -> tuple[LatentPosterior, dict]:
+    """The batch's latent posterior and text conditioning (no gradient unless text trains)."""
+    device = components.device
+    pixels = batch["pixel_values"].to(device, non_blocking=True)
     posterior = encode_posterior(components.vae, pixels)
     with torch.set_grad_enabled(settings.train_text_encoder):
-        input_ids = batch["input_ids"].to(device)
-        text_embeddings = components.text_encoder(input_ids, return_dict=False)[0]
+        conditioning = components.family.encode_prompts(components.parts, batch, device)
+    return posterior, conditioning
 
-    draws = draw_for_samples(
-        positions, tuple(posterior.mean.shape[1:]), len(alphas_cumprod), settings
+
+def denoising_loss(
+    family, denoiser, objective, latents: torch.Tensor, conditioning: dict, draws, batch: dict,
+    *, weighted: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """The error of `denoiser` on `latents` noised with `draws`, weighted per sample as the
+    objective says (min-SNR, SD3 weighting) unless `weighted` is false."""
+    device = latents.device
+    noised = objective.noised(
+        latents, draws.noise.to(device), draws.model_noise.to(device), draws.timesteps
     )
-    latents = posterior.sample(draws.latent_eps)
-    noise, model_noise = draws.noise.to(device), draws.model_noise.to(device)
-    timesteps = draws.timesteps.to(device)
-    noisy = add_noise(latents, model_noise, alphas_cumprod, timesteps)
-    target = training_target(settings.prediction_type, latents, noise, alphas_cumprod, timesteps)
-    prediction = unet(noisy, timesteps, text_embeddings, return_dict=False)[0]
-    weights = None
-    if settings.snr_gamma is not None:
-        weights = min_snr_weights(
-            snr(alphas_cumprod, timesteps), settings.snr_gamma, settings.prediction_type
+    prediction = family.predict(denoiser, noised.model_input, noised.timesteps, conditioning, batch)
+    return weighted_mse(prediction, noised.target, noised.weights if weighted else None)
+
+
+def diffusion_loss(batch: dict, components, denoiser, objective) -> torch.Tensor:
+    """The training loss of one batch (latents and conditioning made on the fly)."""
+    settings = objective.settings
+    positions = [int(p) for p in batch["position"]]
+    with keyed_by(settings.seed, positions):  # LoRA dropout masks, per sample
+        posterior, conditioning = encode_batch(batch, components, settings)
+        draws = draw_for_samples(positions, tuple(posterior.mean.shape[1:]), objective)
+        latents = posterior.sample(draws.latent_eps)
+        return denoising_loss(
+            components.family, denoiser, objective, latents, conditioning, draws, batch
         )
-    return weighted_mse(prediction, target, weights)

@@ -18,7 +18,7 @@ import yaml
 
 from difftrain.io import atomic_write_text
 
-BASE_TAGS = ["text-to-image", "diffusers", "stable-diffusion", "difftrain"]
+BASE_TAGS = ["text-to-image", "diffusers", "difftrain"]
 
 # `org/name` or `name`: the only `base_model` values the Hub accepts in card metadata.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -35,29 +35,39 @@ def write_model_card(
     steps: int,
     lora: bool,
     sample_grid: Path | None,
+    pipeline_class: str = "StableDiffusionPipeline",
 ) -> Path:
     """Write `output_dir/README.md` (atomically) and return its path."""
     output_dir = Path(output_dir)
     sections = [
-        _front_matter(base_model, lora),
+        _front_matter(base_model, lora, pipeline_class),
         _title(output_dir, base_model, lora),
         _training_section(base_model, data_dir, num_images, steps, final_loss),
         _settings_table(settings),
         _samples_section(output_dir, sample_grid),
-        _load_section(output_dir, base_model, lora),
+        _load_section(output_dir, base_model, lora, pipeline_class),
     ]
     path = output_dir / "README.md"
     atomic_write_text(path, "\n".join(section for section in sections if section))
     return path
 
 
-def _front_matter(base_model: str, lora: bool) -> str:
+FAMILY_TAGS = {
+    "StableDiffusionPipeline": ["stable-diffusion"],
+    "StableDiffusionXLPipeline": ["stable-diffusion-xl"],
+    "StableDiffusion3Pipeline": ["stable-diffusion-3", "sd3"],
+    "FluxPipeline": ["flux"],
+}
+
+
+def _front_matter(base_model: str, lora: bool, pipeline_class: str) -> str:
     metadata: dict[str, object] = {"library_name": "diffusers"}
     # The Hub rejects a card whose base_model is not a model id; a local folder or
     # builtin:tiny is still named in the card's text.
     if _is_hub_id(base_model):
         metadata["base_model"] = base_model
-    metadata["tags"] = BASE_TAGS + (["lora"] if lora else [])
+    family_tags = FAMILY_TAGS.get(pipeline_class, [])
+    metadata["tags"] = BASE_TAGS[:2] + family_tags + BASE_TAGS[2:] + (["lora"] if lora else [])
     return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n"
 
 
@@ -112,19 +122,19 @@ def _samples_section(output_dir: Path, sample_grid: Path | None) -> str:
     return f"## Samples\n\n![validation samples]({link})\n"
 
 
-def _load_section(output_dir: Path, base_model: str, lora: bool) -> str:
+def _load_section(output_dir: Path, base_model: str, lora: bool, pipeline_class: str) -> str:
     # json.dumps quotes a path as a valid Python string literal (backslashes included).
     out = json.dumps(str(output_dir.resolve()))
     if lora:
         lines = [
-            f"pipe = StableDiffusionPipeline.from_pretrained({json.dumps(base_model)})",
+            f"pipe = {pipeline_class}.from_pretrained({json.dumps(base_model)})",
             f"pipe.load_lora_weights({out})",
         ]
     else:
-        lines = [f"pipe = StableDiffusionPipeline.from_pretrained({out})"]
+        lines = [f"pipe = {pipeline_class}.from_pretrained({out})"]
     code = "\n".join(
         [
-            "from diffusers import StableDiffusionPipeline",
+            f"from diffusers import {pipeline_class}",
             "",
             *lines,
             'image = pipe("a photo").images[0]',

@@ -20,23 +20,31 @@ MODEL_INDEX = "model_index.json"
 
 
 def save_final_pipeline(
-    components: PipelineComponents, unet: torch.nn.Module, output_dir: Path
+    components: PipelineComponents, denoiser: torch.nn.Module, output_dir: Path
 ) -> None:
-    """Write the base pipeline with the trained UNet into `output_dir`, in diffusers format.
+    """Write the base pipeline with the trained denoiser into `output_dir`, in diffusers
+    format, as the family's pipeline class.
 
     The other components are re-read from the base model, so they keep its files and dtype
-    (the run may have cast its copies to half precision). Everything is written beside its
-    final place first and renamed in (`publish_pipeline`), so a crash never leaves a
-    half-written component or a `model_index.json` without its components.
+    (the run may have cast its copies to half precision); a `model.vae` replacement and
+    dropped components (SD3 without T5) are saved as the run used them. Everything is written
+    beside its final place first and renamed in (`publish_pipeline`), so a crash never leaves
+    a half-written component or a `model_index.json` without its components.
     """
-    from diffusers import DiffusionPipeline
+    family = components.family
+    replaced = {name: None for name in family.dropped_parts()}
+    if components.vae_source is not None:
+        from diffusers import AutoencoderKL
 
+        subfolder = "vae" if (Path(components.vae_source) / "vae").is_dir() else None
+        replaced["vae"] = AutoencoderKL.from_pretrained(components.vae_source, subfolder=subfolder)
     # The run's own scheduler: it carries a train.prediction_type override, if any.
-    pipeline = DiffusionPipeline.from_pretrained(
+    pipeline = family.pipeline_type().from_pretrained(
         components.source,
         revision=components.revision,
-        unet=unet,
         scheduler=components.inference_scheduler,
+        **{family.denoiser: denoiser},
+        **replaced,
     )
     staging = Path(tempfile.mkdtemp(prefix=".final.", suffix=TEMP_SUFFIX, dir=output_dir))
     try:
@@ -61,38 +69,25 @@ def publish_pipeline(staging: Path, output_dir: Path) -> None:
     os.replace(staging / index, output_dir / index)
 
 
-def inference_pipeline(components: PipelineComponents, unet: torch.nn.Module):
-    """A sampling pipeline over the live training components (no copies, no disk)."""
-    from diffusers import StableDiffusionPipeline
-
-    pipeline = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=unet,
-        scheduler=components.inference_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 def save_validation_grid(
-    components: PipelineComponents, unet: torch.nn.Module, cfg: Config, step: int
+    components: PipelineComponents, parts: dict, denoiser: torch.nn.Module, cfg: Config, step: int
 ) -> Path:
-    """Render `validation.prompts` from fixed seeds into `OUTPUT_DIR/samples/step-N.png`."""
+    """Render `validation.prompts` from fixed seeds into `OUTPUT_DIR/samples/step-N.png`.
+
+    `parts` are the run's live (unwrapped) components; the family's pipeline samples them.
+    """
     validation = cfg.validation
-    pipeline = inference_pipeline(components, unet)
-    compute_dtype = components.text_encoder.dtype
-    device_type = unet.device.type
+    family = components.family
+    pipeline = family.sampling_pipeline(parts, denoiser, components.inference_scheduler)
+    encoders = [parts[name] for name in family.text_encoders if name in parts]
+    compute_dtype = encoders[0].dtype
+    device_type = denoiser.device.type
     autocast = (
         torch.autocast(device_type, dtype=compute_dtype)
         if compute_dtype != torch.float32
         else contextlib.nullcontext()
     )
-    with eval_mode(unet, components.text_encoder), torch.no_grad(), autocast:
+    with eval_mode(denoiser, *encoders), torch.no_grad(), autocast:
         images = generate(
             pipeline,
             validation.prompts,

@@ -14,7 +14,8 @@ import torch
 from difftrain.config import Config
 from difftrain.data.folder import Example, drop_unreadable, scan_image_folder
 from difftrain.errors import UserError
-from difftrain.models.loading import check_model_source
+from difftrain.models.families.base import ModelFamily
+from difftrain.models.loading import model_family
 from difftrain.training.resume import (
     check_resume_config,
     check_resume_steps,
@@ -31,6 +32,8 @@ class CheckedInputs:
     """Unreadable images left out under `data.on_bad_image: skip`, with the reason."""
     checkpoint: Path | None
     """The checkpoint to resume from, verified; None for a fresh start."""
+    family: ModelFamily
+    """The model's family, with this run's options."""
 
 
 def check_inputs(
@@ -45,7 +48,8 @@ def check_inputs(
     skip_bad = cfg.data.on_bad_image == "skip"
     examples = scan_image_folder(cfg.data.train_dir, cfg.data.caption_column, check=not skip_bad)
     examples, skipped = drop_unreadable(examples) if skip_bad else (examples, [])
-    check_model_source(cfg.model)
+    family = model_family(cfg.model, train_cfg)
+    family.check_config(cfg)
     check_tracker_available(train_cfg.report_to)
     if cfg.validation.loss_every_steps:
         scan_image_folder(cfg.validation.loss_dir, cfg.data.caption_column)
@@ -56,7 +60,7 @@ def check_inputs(
         check_resume_steps(checkpoint, train_cfg.max_steps)
     in_place = checkpoint is not None and checkpoint.parent == output_dir.resolve()
     check_output_dir(output_dir, cfg, overwrite=overwrite, training=True, resuming=in_place)
-    return CheckedInputs(examples, skipped, checkpoint)
+    return CheckedInputs(examples, skipped, checkpoint, family)
 
 
 def check_precision(mixed_precision: str) -> None:

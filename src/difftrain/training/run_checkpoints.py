@@ -21,15 +21,15 @@ from difftrain.training.sharding import (
     load_full_model_state,
     load_full_optimizer_state,
     plain_copy,
-    read_unet_state,
+    read_denoiser_state,
 )
 from difftrain.training.state import load_training_state, read_optimizer_state, save_main_state
 
 logger = logging.getLogger("difftrain")
 
 
-def _read_sharded_state(checkpoint: Path, unet) -> tuple[dict, dict]:
-    """A checkpoint's whole UNet and optimizer state for an FSDP run; refuses a checkpoint
+def _read_sharded_state(checkpoint: Path, denoiser, name: str) -> tuple[dict, dict]:
+    """A checkpoint's whole denoiser and optimizer state for an FSDP run; refuses a checkpoint
     written without FSDP (its optimizer state is keyed by parameter number, not name)."""
     optimizer_state = read_optimizer_state(checkpoint)
     if any(isinstance(key, int) for key in optimizer_state.get("state", {})):
@@ -37,7 +37,7 @@ def _read_sharded_state(checkpoint: Path, unet) -> tuple[dict, dict]:
             f"cannot resume from {checkpoint} with train.fsdp on: it was written by a run "
             "without FSDP (on one process FSDP is off); resume it without FSDP, or start anew"
         )
-    return read_unet_state(checkpoint, unet), optimizer_state
+    return read_denoiser_state(checkpoint, denoiser, name), optimizer_state
 
 
 class RunCheckpoints:
@@ -50,11 +50,14 @@ class RunCheckpoints:
                 # in a collective for one that has failed) and sends each process its shard.
                 read: list = []
                 run_on_main(
-                    accelerator, lambda: read.append(_read_sharded_state(checkpoint, self.unet))
+                    accelerator,
+                    lambda: read.append(
+                        _read_sharded_state(checkpoint, self.denoiser, self.family.denoiser)
+                    ),
                 )
-                unet_state, optimizer_state = read[0] if read else ({}, {})
-                load_full_model_state(self.unet, unet_state)
-                load_full_optimizer_state(self.unet, self.optimizer, optimizer_state)
+                denoiser_state, optimizer_state = read[0] if read else ({}, {})
+                load_full_model_state(self.denoiser, denoiser_state)
+                load_full_optimizer_state(self.denoiser, self.optimizer, optimizer_state)
             else:
                 load_trained_models(
                     checkpoint, **self._trained_models_spec(), device=accelerator.device
@@ -112,7 +115,10 @@ class RunCheckpoints:
             return False
         gathered = None
         if self.fsdp:  # every process takes part in gathering; the main one writes
-            gathered = (plain_copy(self.unet), full_optimizer_state(self.unet, self.optimizer))
+            gathered = (
+                plain_copy(self.denoiser),
+                full_optimizer_state(self.denoiser, self.optimizer),
+            )
         path = save_checkpoint(
             self.accelerator, self.output_dir, self.progress.step,
             total_limit=self.cfg.checkpointing.total_limit,
@@ -121,18 +127,21 @@ class RunCheckpoints:
         logger.info("saved %s", path)
         return True
 
-    def _trained_models_spec(self, unet=None) -> dict[str, object]:
+    def _trained_models_spec(self, denoiser=None) -> dict[str, object]:
+        if denoiser is None:
+            denoiser = self.accelerator.unwrap_model(self.denoiser)
         return {
-            "unet": unet if unet is not None else self.accelerator.unwrap_model(self.unet),
-            "text_encoder": self._unwrapped_text_encoder,
+            "family": self.family,
+            "denoiser": denoiser,
+            "text_encoders": self.trained_text_encoders,
             "lora": self.cfg.lora.enabled,
             "ema": self.ema,
         }
 
     def _write_checkpoint_files(self, folder: Path, gathered: tuple | None = None) -> None:
-        """`gathered`: a sharded run's (whole UNet, whole optimizer state), main process."""
-        unet, optimizer_state = gathered if gathered is not None else (None, None)
-        save_trained_models(folder, **self._trained_models_spec(unet))
+        """`gathered`: a sharded run's (whole denoiser, whole optimizer state), main process."""
+        denoiser, optimizer_state = gathered if gathered is not None else (None, None)
+        save_trained_models(folder, **self._trained_models_spec(denoiser))
         save_main_state(
             folder, self.state, num_processes=self.accelerator.num_processes,
             optimizer_state=optimizer_state,

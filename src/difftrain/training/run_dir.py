@@ -33,7 +33,8 @@ STALE_PARTIALS = (
 TRAINING_ARTIFACTS = ("metrics.jsonl", "skipped_images.txt", "logs/wandb-run-id")
 FINAL_OUTPUTS = (
     "model_index.json",  # first: without it the folder no longer looks like a pipeline
-    "unet", "vae", "text_encoder", "tokenizer", "scheduler", "pytorch_lora_weights.safetensors",
+    "unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
+    "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler", "pytorch_lora_weights.safetensors",
     "README.md",
 )  # fmt: skip
 OWNED_NAMES = (

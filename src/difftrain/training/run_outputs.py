@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+
+import torch
 
 from difftrain.errors import StorageFull
 from difftrain.io import storage_failure
@@ -20,12 +21,12 @@ logger = logging.getLogger("difftrain")
 
 
 class RunOutputs:
-    def whole_unet(self):
-        """The UNet with all its weights, for sampling and saving: a sharded run gathers it
-        (a collective: call on every process; None except on the main one)."""
+    def whole_denoiser(self):
+        """The denoiser with all its weights, for sampling and saving: a sharded run gathers
+        it (a collective: call on every process; None except on the main one)."""
         if not self.fsdp:
-            return self.accelerator.unwrap_model(self.unet)
-        copy = plain_copy(self.unet)
+            return self.accelerator.unwrap_model(self.denoiser)
+        copy = plain_copy(self.denoiser)
         return copy.to(self.device) if copy is not None else None
 
     def _maybe_validate(self) -> None:
@@ -35,30 +36,34 @@ class RunOutputs:
         )
         if not (validation.prompts and due):
             return
-        unet = self.whole_unet() if self.fsdp else None  # gathered by every process
+        denoiser = self.whole_denoiser() if self.fsdp else None  # gathered by every process
         if self.accelerator.is_main_process:
             from difftrain.training.outputs import save_validation_grid
 
             unwrap = self.accelerator.unwrap_model
-            unet = unet if unet is not None else unwrap(self.unet)
-            parts = replace(self.components, text_encoder=unwrap(self.components.text_encoder))
-            with self.final_weights(unet):
-                path = save_validation_grid(parts, unet, self.cfg, step)
+            denoiser = denoiser if denoiser is not None else unwrap(self.denoiser)
+            parts = {
+                name: unwrap(part) if isinstance(part, torch.nn.Module) else part
+                for name, part in self.components.parts.items()
+            }
+            with self.final_weights(denoiser):
+                path = save_validation_grid(self.components, parts, denoiser, self.cfg, step)
             self.last_grid = path
             logger.info("saved validation samples %s", path)
 
     @contextmanager
-    def final_weights(self, unet) -> Iterator[None]:
-        """Within the block, `unet` holds the weights the run will publish (EMA when used)."""
+    def final_weights(self, denoiser) -> Iterator[None]:
+        """Within the block, `denoiser` holds the weights the run will publish (EMA when
+        used)."""
         if self.ema is None or not self.cfg.ema.use_for_final:
             yield
             return
-        self.ema.store(unet.parameters())
-        self.ema.copy_to(unet.parameters())
+        self.ema.store(denoiser.parameters())
+        self.ema.copy_to(denoiser.parameters())
         try:
             yield
         finally:
-            self.ema.restore(unet.parameters())
+            self.ema.restore(denoiser.parameters())
 
     def write_model_card(self, losses: list[float]) -> None:
         from difftrain.training.model_card import write_model_card
@@ -68,7 +73,8 @@ class RunOutputs:
         if base.startswith("builtin:"):
             base = self.components.source  # a folder diffusers can load, unlike "builtin:tiny"
         settings = {
-            "training": "LoRA" if cfg.lora.enabled else "full UNet",
+            "model family": f"{self.family.name} ({self.family.pipeline_class})",
+            "training": "LoRA" if cfg.lora.enabled else f"full {self.family.denoiser}",
             "resolution": cfg.data.resolution,
             "max_steps": cfg.train.max_steps,
             "batch size x accumulation": (
@@ -76,7 +82,7 @@ class RunOutputs:
             ),
             "learning rate": f"{cfg.train.learning_rate:g} ({cfg.train.lr_scheduler})",
             "mixed precision": cfg.train.mixed_precision,
-            "prediction type": self.loss_settings.prediction_type,
+            "prediction type": self.objective.prediction_type,
             "seed": cfg.train.seed,
         }
         if cfg.lora.enabled:
@@ -94,13 +100,14 @@ class RunOutputs:
             final_loss=losses[-1] if losses else None,
             steps=self.progress.step,
             lora=cfg.lora.enabled,
+            pipeline_class=self.family.pipeline_class,
             sample_grid=self.last_grid,
         )
 
     def gather_for_publish(self) -> None:
-        """Every process: a sharded run gathers the whole UNet for the main one to save."""
+        """Every process: a sharded run gathers the whole denoiser for the main one to save."""
         if self.fsdp:
-            self.final_unet = self.whole_unet()
+            self.final_denoiser = self.whole_denoiser()
 
     def publish(self, losses: list[float]) -> None:
         """The final pipeline (or LoRA weights) and the model card in OUTPUT_DIR.
@@ -126,16 +133,13 @@ class RunOutputs:
 
     def _save_outputs(self) -> None:
         """The final pipeline (full fine-tune) or adapter weights (LoRA) in OUTPUT_DIR."""
-        unet = self.final_unet or self.accelerator.unwrap_model(self.unet)
+        denoiser = self.final_denoiser or self.accelerator.unwrap_model(self.denoiser)
         if self.cfg.lora.enabled:
             from difftrain.models.lora import save_lora_weights
 
-            text_encoder = self.components.text_encoder if self.train_text_encoder else None
-            if text_encoder is not None:
-                text_encoder = self.accelerator.unwrap_model(text_encoder)
-            save_lora_weights(self.output_dir, unet, text_encoder)
+            save_lora_weights(self.output_dir, self.family, denoiser, self.trained_text_encoders)
             return
         from difftrain.training.outputs import save_final_pipeline
 
-        with self.final_weights(unet):
-            save_final_pipeline(self.components, unet, self.output_dir)
+        with self.final_weights(denoiser):
+            save_final_pipeline(self.components, denoiser, self.output_dir)

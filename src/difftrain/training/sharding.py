@@ -16,19 +16,17 @@ from __future__ import annotations
 import torch
 
 
-def shard_unet(unet: torch.nn.Module) -> None:
-    """Shard each down / mid / up block, then the rest of the UNet (in place).
+def shard_denoiser(denoiser: torch.nn.Module, blocks: list[torch.nn.Module]) -> None:
+    """Shard each of `blocks` (the family's `shard_units`), then the rest (in place).
 
     One FSDP unit per block: a block's parameters are gathered just before it runs and freed
     after, so at most about one block is whole at a time.
     """
     from torch.distributed.fsdp import fully_shard
 
-    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
     for block in blocks:
-        if block is not None:
-            fully_shard(block)
-    fully_shard(unet)
+        fully_shard(block)
+    fully_shard(denoiser)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -64,9 +62,9 @@ def original_class(module: torch.nn.Module) -> type:
     return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
 
-def read_unet_state(folder, unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A checkpoint's `unet/` weights (diffusers format, safetensors only) as a state dict."""
-    loaded = original_class(unet).from_pretrained(folder, subfolder="unet", use_safetensors=True)
+def read_denoiser_state(folder, denoiser: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's `<name>/` weights (diffusers format, safetensors only) as a state dict."""
+    loaded = original_class(denoiser).from_pretrained(folder, subfolder=name, use_safetensors=True)
     return loaded.state_dict()
 
 

@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ import torch
 from difftrain.config import Config, config_to_dict
 from difftrain.data.dataset import CaptionedImageDataset, build_dataloader
 from difftrain.data.folder import Example
+from difftrain.diffusion.flow import TIMESTEP_SAMPLING_DEFAULTS
 from difftrain.errors import TrainingStopped
 from difftrain.models.loading import PipelineComponents, load_components
 from difftrain.models.sample_dropout import keyed_by
@@ -32,7 +34,8 @@ from difftrain.training.distributed import (
     run_on_main,
     sum_over_processes,
 )
-from difftrain.training.loss import LossSettings, diffusion_loss
+from difftrain.training.loss import diffusion_loss
+from difftrain.training.objective import LossSettings, build_objective
 from difftrain.training.optim import build_lr_scheduler, build_optimizer
 from difftrain.training.preflight import check_inputs, check_precision
 from difftrain.training.resume import continue_in_place
@@ -44,9 +47,7 @@ from difftrain.training.run_logging import (
     report_skipped_images,
 )
 from difftrain.training.run_outputs import RunOutputs
-from difftrain.training.sharding import (
-    shard_unet,
-)
+from difftrain.training.sharding import shard_denoiser
 from difftrain.training.signals import stop_signals
 from difftrain.training.state import (
     TrainingProgress,
@@ -77,7 +78,7 @@ class TrainResult:
 def train(
     cfg: Config, *, overwrite: bool = False, allow_config_change: tuple[str, ...] = ()
 ) -> TrainResult:
-    """Fine-tune the UNet of `cfg.model.pretrained` on `cfg.data` and write the outputs."""
+    """Fine-tune the denoiser of `cfg.model.pretrained` on `cfg.data` and write the outputs."""
     from accelerate import Accelerator
 
     output_dir = Path(cfg.train.output_dir)
@@ -118,7 +119,8 @@ def train(
             output_dir / "logs" / "train.log", main, console_steps=not shows_progress_bar(main)
         )
         seed_everything(cfg.train.seed)
-        run = TrainingRun(cfg, accelerator, load_components(cfg.model), inputs.examples)
+        components = load_components(cfg.model, inputs.family)
+        run = TrainingRun(cfg, accelerator, components, inputs.examples)
         if checkpoint is not None:
             run.resume(checkpoint)
         if in_place:
@@ -172,64 +174,69 @@ class TrainingRun(RunCheckpoints, RunOutputs):
         self.cfg = cfg
         self.accelerator = accelerator
         self.components = components
+        self.family = family = components.family
         self.tracker = NullTracker()
         """Set by `train()` once the output folder is ready for this run's metrics."""
         self.output_dir = Path(cfg.train.output_dir)
-        self.device = accelerator.device
+        self.device = components.device = accelerator.device
         train_cfg, lora = cfg.train, cfg.lora
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            accelerator.mixed_precision, torch.float32
-        )
+        self.weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
         if train_cfg.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        unet, text_encoder = components.unet, components.text_encoder
-        # Frozen weights run in the compute precision. A full fine-tune keeps the UNet in fp32
-        # (the master weights); LoRA freezes it too and trains fp32 adapters on top.
-        frozen = [components.vae, text_encoder] + ([unet] if lora.enabled else [])
-        for model in frozen:
+        denoiser, text_encoders = components.denoiser, components.text_encoders
+        # Frozen weights run in the compute precision (the VAE in `model.vae_dtype` if set). A
+        # full fine-tune keeps the denoiser in fp32 (the master weights); LoRA freezes it too
+        # and trains fp32 adapters on top.
+        vae_dtype = DTYPES.get(cfg.model.vae_dtype or "", self.weight_dtype)
+        frozen = [*text_encoders.values()] + ([denoiser] if lora.enabled else [])
+        for model in [components.vae, *frozen]:
             model.requires_grad_(False)
-            _to(model, self.device, self.weight_dtype)
-        components.vae.eval()
-        text_encoder.eval()
+            _to(model, self.device, vae_dtype if model is components.vae else self.weight_dtype)
+            model.eval()
         if not lora.enabled:
-            unet.to(self.device)  # fp32 master weights; LoRA's frozen UNet moved above
+            denoiser.to(self.device)  # fp32 master weights; LoRA's frozen denoiser moved above
+        self.train_text_encoder = lora.enabled and lora.train_text_encoder
+        trained_text = {
+            name: text_encoders[name]
+            for name in family.lora_text_encoders
+            if self.train_text_encoder and name in text_encoders
+        }
         if lora.enabled:
             from difftrain.models.lora import add_lora_adapters
 
-            add_lora_adapters(unet, text_encoder, lora)
-        self.train_text_encoder = lora.enabled and lora.train_text_encoder
+            add_lora_adapters(denoiser, trained_text, lora)
         if train_cfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-            if self.train_text_encoder:
+            denoiser.enable_gradient_checkpointing()
+            for text_encoder in trained_text.values():
                 text_encoder.gradient_checkpointing_enable()
-        unet.train()
-        if self.train_text_encoder:
-            text_encoder.train()
+        for model in [denoiser, *trained_text.values()]:
+            model.train()
         # FSDP2 (full fine-tunes on several processes): shard before the optimizer sees the
-        # parameters, and keep the sharded UNet out of accelerate's DDP wrapping.
+        # parameters, and keep the sharded denoiser out of accelerate's DDP wrapping.
         self.fsdp = train_cfg.fsdp and accelerator.num_processes > 1
         if self.fsdp:
-            shard_unet(unet)
+            shard_denoiser(denoiser, family.shard_units(denoiser))
 
         self.ema = None
         if cfg.ema.enabled:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(
-                unet.parameters(),
+                denoiser.parameters(),
                 decay=cfg.ema.decay,
                 use_ema_warmup=cfg.ema.warmup,
                 inv_gamma=cfg.ema.inv_gamma,
                 power=cfg.ema.power,
-                model_cls=type(unet),
-                model_config=unet.config,
+                model_cls=type(denoiser),
+                model_config=denoiser.config,
             )
             self.ema.to(self.device)
 
-        self.dataset = CaptionedImageDataset(examples, components.tokenizer, cfg.data)
+        tokenize = partial(family.tokenize, components.tokenizers())
+        self.dataset = CaptionedImageDataset(examples, tokenize, cfg.data)
         self.progress = TrainingProgress()
-        trained = [unet] + ([text_encoder] if self.train_text_encoder else [])
+        trained = [denoiser, *trained_text.values()]
         params = [p for model in trained for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(train_cfg, params)
         self.lr_scheduler = build_lr_scheduler(train_cfg, optimizer)
@@ -239,62 +246,55 @@ class TrainingRun(RunCheckpoints, RunOutputs):
             # loader; difftrain shards its own loader, so it says the size itself.
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = train_cfg.batch_size
         if self.fsdp:
-            self.unet, self.optimizer = unet, accelerator.prepare(optimizer)
-        elif self.train_text_encoder:
-            self.unet, components.text_encoder, self.optimizer = accelerator.prepare(
-                unet, text_encoder, optimizer
-            )
+            self.denoiser, self.optimizer = denoiser, accelerator.prepare(optimizer)
+            wrapped_text: list = []
         else:
-            self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
-        components.unet = self.unet
+            self.denoiser, *wrapped_text, self.optimizer = accelerator.prepare(
+                denoiser, *trained_text.values(), optimizer
+            )
+        components.denoiser = self.denoiser
+        components.parts.update(zip(trained_text, wrapped_text, strict=True))
         self.trained_params = params
-        self.trained_models = [self.unet] + (
-            [components.text_encoder] if self.train_text_encoder else []
-        )
+        self.trained_models = [self.denoiser, *wrapped_text]
+        self.trained_text_encoders = trained_text
+        """The text encoders that train (unwrapped), by component name; empty unless LoRA
+        trains them."""
         self.state = TrainingState(
             progress=self.progress,
             optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler,
             grad_scaler=accelerator.scaler,
         )
-        self._unwrapped_text_encoder = text_encoder if self.train_text_encoder else None
 
         scheduler = components.noise_scheduler
         if train_cfg.prediction_type is not None:
             # Train for the requested parameterisation; the saved pipeline's scheduler follows.
             for sched in (scheduler, components.inference_scheduler):
                 sched.register_to_config(prediction_type=train_cfg.prediction_type)
-        self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device)
-        self.loss_settings = LossSettings(
-            prediction_type=scheduler.config.prediction_type,
-            seed=train_cfg.seed,
-            snr_gamma=train_cfg.snr_gamma,
-            noise_offset=train_cfg.noise_offset,
-            input_perturbation=train_cfg.input_perturbation,
-            weight_dtype=self.weight_dtype,
-            train_text_encoder=self.train_text_encoder,
-        )
+        self.objective = build_objective(
+            family.flow_matching, scheduler, loss_settings(train_cfg, scheduler, self),
+            self.device,
+        )  # fmt: skip
         self.last_grid: Path | None = None
-        self.final_unet = None
-        """A sharded run's gathered UNet, for the final save (`gather_for_publish`)."""
+        self.final_denoiser = None
+        """A sharded run's gathered denoiser, for the final save (`gather_for_publish`)."""
         self.validation_loss = None
         if cfg.validation.loss_every_steps:
             from difftrain.training.validation_loss import ValidationLoss
 
             share = (0, 1) if self.fsdp else (accelerator.process_index, accelerator.num_processes)
             self.validation_loss = ValidationLoss(
-                cfg, components, self.device, self.weight_dtype,
-                rank=share[0], world_size=share[1],
-            )  # fmt: skip
+                cfg, components, self.objective, rank=share[0], world_size=share[1]
+            )
 
     def train(self, stop_signals: list[int]) -> list[float]:
         cfg = self.cfg.train
         processes = self.accelerator.num_processes
         logger.info(
-            "training %d steps on %d images (%s, %s prediction, batch %d x %d accumulation x "
-            "%d process%s = %d images per step, %s)",
-            cfg.max_steps, len(self.dataset), self.components.source,
-            self.loss_settings.prediction_type, cfg.batch_size, cfg.gradient_accumulation_steps,
+            "training %d steps on %d images (%s, %s family, %s prediction, batch %d x %d "
+            "accumulation x %d process%s = %d images per step, %s)",
+            cfg.max_steps, len(self.dataset), self.components.source, self.family.name,
+            self.objective.prediction_type, cfg.batch_size, cfg.gradient_accumulation_steps,
             processes, "" if processes == 1 else "es",
             cfg.batch_size * cfg.gradient_accumulation_steps * processes, self.device,
         )  # fmt: skip
@@ -343,15 +343,12 @@ class TrainingRun(RunCheckpoints, RunOutputs):
             batch = next(batches)
             progress.samples_seen += cfg.batch_size * accelerator.num_processes
             with accelerator.accumulate(*self.trained_models):
-                loss = diffusion_loss(
-                    batch, self.components, self.unet,
-                    alphas_cumprod=self.alphas_cumprod, settings=self.loss_settings,
-                )  # fmt: skip
+                loss = diffusion_loss(batch, self.components, self.denoiser, self.objective)
                 step_loss += loss.detach() / cfg.gradient_accumulation_steps
                 # Gradient checkpointing re-runs the forward inside backward: the per-sample
                 # LoRA dropout keys must still be there for it to draw the same masks.
                 positions = [int(p) for p in batch["position"]]
-                with keyed_by(self.loss_settings.seed, positions):
+                with keyed_by(self.cfg.train.seed, positions):
                     accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     step_loss = accelerator.reduce(step_loss, reduction="mean")
@@ -372,7 +369,7 @@ class TrainingRun(RunCheckpoints, RunOutputs):
             # scheduler wrapper does), so both stay aligned with the updates really made.
             progress.nonfinite_in_a_row = 0
             if self.ema is not None and (progress.step + 1) % self.cfg.ema.update_every == 0:
-                self.ema.step(self.accelerator.unwrap_model(self.unet).parameters())
+                self.ema.step(self.accelerator.unwrap_model(self.denoiser).parameters())
             self.lr_scheduler.step()
         return StepResult(step_loss.item(), lr, grad_norm, skipped)
 
@@ -398,15 +395,13 @@ class TrainingRun(RunCheckpoints, RunOutputs):
         every = self.cfg.validation.loss_every_steps
         if self.validation_loss is None or self.progress.step % every:
             return None
-        # Sharded: the UNet is gathered and the main process scores every image; otherwise
+        # Sharded: the denoiser is gathered and the main process scores every image; otherwise
         # each process scores its share.
-        unet = self.whole_unet()
+        denoiser = self.whole_denoiser()
         total, count = 0.0, 0
-        if unet is not None:
+        if denoiser is not None:
             with self.accelerator.autocast():
-                total, count = self.validation_loss.partial_sums(
-                    unet, self.loss_settings.prediction_type, self.alphas_cumprod
-                )
+                total, count = self.validation_loss.partial_sums(denoiser)
         # Add the shares up.
         total, count = sum_over_processes(self.accelerator, total, count)
         return total / count
@@ -432,6 +427,32 @@ class TrainingRun(RunCheckpoints, RunOutputs):
         line = f"step {step}/{self.cfg.train.max_steps} loss {loss:.6f} lr {lr:.3e}"
         line += f" val_loss {val_loss:.6f}" if val_loss is not None else ""
         logger.info(line, extra={"per_step": True})
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def loss_settings(train_cfg, scheduler, run: TrainingRun) -> LossSettings:
+    """The loss's settings from the `train` section (and the scheduler's parameterisation)."""
+    defaults = TIMESTEP_SAMPLING_DEFAULTS
+    return LossSettings(
+        prediction_type=scheduler.config.get("prediction_type") or "epsilon",
+        seed=train_cfg.seed,
+        snr_gamma=train_cfg.snr_gamma,
+        noise_offset=train_cfg.noise_offset,
+        input_perturbation=train_cfg.input_perturbation,
+        weight_dtype=run.weight_dtype,
+        train_text_encoder=run.train_text_encoder,
+        timestep_sampling=train_cfg.timestep_sampling or "logit_normal",
+        logit_mean=_or(train_cfg.logit_mean, defaults["logit_mean"]),
+        logit_std=_or(train_cfg.logit_std, defaults["logit_std"]),
+        mode_scale=_or(train_cfg.mode_scale, defaults["mode_scale"]),
+        loss_weighting=train_cfg.loss_weighting or "none",
+    )
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _norm_value(norm: torch.Tensor) -> float:

@@ -9,17 +9,19 @@ does.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import torch
+from torch.utils.data import default_collate
 
 from difftrain.config import Config
 from difftrain.data.dataset import CaptionedImageDataset
 from difftrain.data.folder import scan_image_folder
 from difftrain.data.sampler import SampleKey
-from difftrain.diffusion import add_noise, training_target
 from difftrain.errors import UserError
 from difftrain.models.latents import encode_latents
 from difftrain.seeds import generator as seeded_generator
+from difftrain.training.loss import SampleDraws, denoising_loss
 from difftrain.training.modes import eval_mode
 
 
@@ -27,18 +29,9 @@ class ValidationLoss:
     """The held-out loss; with several processes each scores its share of the images
     (`partial_sums`) and the trainer adds the shares up."""
 
-    def __init__(
-        self,
-        cfg: Config,
-        components,
-        device: torch.device,
-        weight_dtype: torch.dtype,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
+    def __init__(self, cfg: Config, components, objective, *, rank: int = 0, world_size: int = 1):
         validation = cfg.validation
-        num_timesteps = components.noise_scheduler.config.num_train_timesteps
+        num_timesteps = objective.num_timesteps
         if max(validation.loss_timesteps) >= num_timesteps:
             raise UserError(
                 f"validation.loss_timesteps: {validation.loss_timesteps} must be below "
@@ -47,57 +40,56 @@ class ValidationLoss:
         examples = scan_image_folder(validation.loss_dir, cfg.data.caption_column)
         # Held-out images are seen as they are: centre crop, no flip, their real caption.
         data_cfg = replace(cfg.data, center_crop=True, random_flip=False, caption_dropout=0.0)
-        dataset = CaptionedImageDataset(examples, components.tokenizer, data_cfg)
+        tokenize = partial(components.family.tokenize, components.tokenizers())
+        dataset = CaptionedImageDataset(examples, tokenize, data_cfg)
         # Image i is scored by process i % world_size; it keeps its index (and so its noise).
         self.indices = list(range(rank, len(dataset), world_size))
-        self.items = [dataset[SampleKey(i, 0)] for i in self.indices]
+        self.items = [default_collate([dataset[SampleKey(i, 0)]]) for i in self.indices]
         self.timesteps = validation.loss_timesteps
         self.seed = validation.seed
         self.components = components
-        self.device = device
-        self.weight_dtype = weight_dtype
+        self.objective = objective
         self._latents: list[torch.Tensor] | None = None
 
     def latents(self) -> list[torch.Tensor]:
-        """The held-out latents, encoded once: the VAE never trains."""
+        """The held-out latents (each distribution's mean), encoded once: the VAE never
+        trains."""
         if self._latents is None:
+            vae, device = self.components.vae, self.components.device
             self._latents = [
-                encode_latents(
-                    self.components.vae,
-                    item["pixel_values"][None].to(self.device, dtype=self.weight_dtype),
-                )
-                for item in self.items
+                encode_latents(vae, item["pixel_values"].to(device)) for item in self.items
             ]
         return self._latents
 
-    def __call__(self, unet, prediction_type: str, alphas_cumprod: torch.Tensor) -> float:
+    def __call__(self, denoiser) -> float:
         """The mean loss over this process's images (all of them on one process)."""
-        total, count = self.partial_sums(unet, prediction_type, alphas_cumprod)
+        total, count = self.partial_sums(denoiser)
         return total / count
 
     @torch.no_grad()
-    def partial_sums(
-        self, unet, prediction_type: str, alphas_cumprod: torch.Tensor
-    ) -> tuple[float, int]:
+    def partial_sums(self, denoiser) -> tuple[float, int]:
         """(sum of losses, number of (image, timestep) pairs) over this process's images."""
-        # The unwrapped encoder: a DDP wrapper's forward is a collective, and processes with no
-        # held-out images would never join it.
-        text_encoder = getattr(self.components.text_encoder, "module", self.components.text_encoder)
+        components, objective = self.components, self.objective
+        device = components.device
+        # The unwrapped encoders: a DDP wrapper's forward is a collective, and processes with
+        # no held-out images would never join it.
+        parts = {name: getattr(part, "module", part) for name, part in components.parts.items()}
+        encoders = [parts[name] for name in components.family.text_encoders if name in parts]
         total, count = 0.0, 0
         pairs = zip(self.indices, self.items, self.latents(), strict=True)
-        with eval_mode(unet, text_encoder):
+        with eval_mode(denoiser, *encoders):
             for index, item, latents in pairs:
                 # Encoded each time: a text encoder trained with LoRA changes between calls.
-                embeddings = text_encoder(item["input_ids"][None].to(self.device))[0]
+                conditioning = components.family.encode_prompts(parts, item, device)
                 for t in self.timesteps:
                     generator = seeded_generator(self.seed, "validation-loss", index, t)
-                    noise = torch.randn(latents.shape, generator=generator).to(self.device)
-                    timesteps = torch.tensor([t], device=self.device)
-                    noisy = add_noise(latents, noise, alphas_cumprod, timesteps)
-                    target = training_target(
-                        prediction_type, latents, noise, alphas_cumprod, timesteps
-                    )
-                    prediction = unet(noisy, timesteps, embeddings, return_dict=False)[0]
-                    total += torch.mean((prediction.float() - target.float()) ** 2).item()
+                    noise = torch.randn(latents.shape, generator=generator)
+                    draws = SampleDraws(noise, noise, noise, objective.fixed_timestep(t))
+                    # Unweighted: runs with different loss weightings stay comparable.
+                    loss = denoising_loss(
+                        components.family, denoiser, objective, latents, conditioning, draws,
+                        item, weighted=False,
+                    )  # fmt: skip
+                    total += loss.item()
                     count += 1
         return total, count
