@@ -1,9 +1,12 @@
 """Seconds per optimizer step: difftrain's training loop against a plain PyTorch loop.
 
-    .venv/bin/python benchmarks/step_time.py [--model small] [--batch-size 4] [--resolution 64]
-        [--steps 12] [--warmup 2] [--repeats 5] [--help-runs 10]
+    .venv/bin/python benchmarks/step_time.py [--family sd|sdxl|sd3|flux] [--model small]
+        [--batch-size 4] [--resolution 64] [--steps 12] [--warmup 2] [--repeats 5]
+        [--help-runs 10]
 
-Both loops train the same model (a built-in random-weight pipeline) on the same generated images
+`--family sd` trains `builtin:<--model>` (tiny or small); the other families their tiny
+built-in (`builtin:tiny-sdxl`, ...). The reference loop of each family is written out in
+`reference_loops.py`. Both loops train the same model on the same generated images
 with the same batch size, resolution and AdamW / clipping settings, in this one process, so
 other load on the machine shifts both. Each repeat runs difftrain's real `train(cfg)` (per-step
 `step_time_s` read back from metrics.jsonl) and the reference loop, in alternating order; a
@@ -29,7 +32,11 @@ import time
 from itertools import pairwise
 from pathlib import Path
 
-from difftrain.models.tiny import TINY_MODELS
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # reference_loops, beside this file
+
+import reference_loops  # noqa: E402
+
+from difftrain.models.tiny import TINY_MODELS  # noqa: E402
 
 RATIO_TARGET = 1.05
 HELP_TARGET_S = 0.5
@@ -41,7 +48,13 @@ OTHER_LOAD_LIMIT = 0.10
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="small", choices=sorted(TINY_MODELS))
+    parser.add_argument("--family", default="sd", choices=["sd", "sdxl", "sd3", "flux"])
+    parser.add_argument(
+        "--model",
+        default="small",
+        choices=sorted(TINY_MODELS),
+        help="the sd built-in (other families use their tiny built-in)",
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
@@ -51,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         parser.error("--steps must be larger than --warmup")
+    args.builtin = f"builtin:{args.model}" if args.family == "sd" else f"builtin:tiny-{args.family}"
     return args
 
 
@@ -62,7 +76,7 @@ def make_config(args: argparse.Namespace, data_dir: Path, output_dir: Path):
 
     return config_from_dict(
         {
-            "model": {"pretrained": f"builtin:{args.model}"},
+            "model": {"pretrained": args.builtin},
             "data": {"train_dir": str(data_dir), "resolution": args.resolution},
             "train": {
                 "output_dir": str(output_dir),
@@ -100,10 +114,11 @@ def time_difftrain(cfg, log: io.StringIO) -> tuple[list[float], list[float]]:
 class ImageCaptionDataset:
     """The generated folder read the plain way: PIL -> [-1, 1] tensor, caption -> token ids."""
 
-    def __init__(self, folder: Path, tokenizer, resolution: int):
+    def __init__(self, folder: Path, family: str, tokenizers: dict, resolution: int):
         rows = (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
         self.items = [(folder / r["file_name"], r["text"]) for r in map(json.loads, rows)]
-        self.tokenizer = tokenizer
+        self.family = family
+        self.tokenizers = tokenizers
         self.resolution = resolution
 
     def __len__(self) -> int:
@@ -120,14 +135,8 @@ class ImageCaptionDataset:
             image = image.resize((self.resolution, self.resolution), Image.Resampling.BILINEAR)
         pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1
         # Tokenized per item, as difftrain's dataset (and diffusers' example script) does.
-        ids = self.tokenizer(
-            caption,
-            max_length=self.tokenizer.model_max_length,
-            padding="max_length",
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids[0]
-        return {"pixel_values": pixels, "input_ids": ids}
+        ids = reference_loops.tokenize(self.family, self.tokenizers, caption)
+        return {"pixel_values": pixels, **ids}
 
 
 def endless(loader):
@@ -135,64 +144,32 @@ def endless(loader):
         yield from loader
 
 
-def load_reference(model_dir: Path):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    path = str(model_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    for frozen in (vae, text_encoder):
-        frozen.requires_grad_(False)
-        frozen.eval()
-    unet.train()
-    return tokenizer, text_encoder, vae, unet, scheduler
-
-
-def time_reference(cfg, model_dir: Path, data_dir: Path) -> list[float]:
+def time_reference(cfg, family: str, model_dir: Path, data_dir: Path) -> list[float]:
     """The same step as difftrain's, written out with diffusers / torch only; seconds per step."""
     import torch
-    import torch.nn.functional as F
 
     torch.manual_seed(cfg.train.seed)
-    tokenizer, text_encoder, vae, unet, scheduler = load_reference(model_dir)
+    reference = reference_loops.load(family, model_dir)
     train = cfg.train
     optimizer = torch.optim.AdamW(
-        unet.parameters(),
+        reference.denoiser.parameters(),
         lr=train.learning_rate,
         betas=(train.adam_beta1, train.adam_beta2),
         weight_decay=train.adam_weight_decay,
         eps=train.adam_epsilon,
     )
-    dataset = ImageCaptionDataset(data_dir, tokenizer, cfg.data.resolution)
+    dataset = ImageCaptionDataset(data_dir, family, reference.tokenizers, cfg.data.resolution)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=train.batch_size, shuffle=True, drop_last=True
     )
     batches = endless(loader)
-    timesteps_total = scheduler.config.num_train_timesteps
     times = []
     for _ in range(train.max_steps):
         started = time.perf_counter()  # Before the data fetch, as difftrain's step_time_s.
-        batch = next(batches)
-        with torch.no_grad():
-            latents = vae.encode(batch["pixel_values"]).latent_dist.sample()
-            latents = latents * vae.config.scaling_factor
-            text_embeddings = text_encoder(batch["input_ids"], return_dict=False)[0]
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, timesteps_total, (latents.shape[0],))
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        if scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        prediction = unet(noisy, timesteps, text_embeddings, return_dict=False)[0]
-        loss = F.mse_loss(prediction.float(), target.float())
+        loss = reference.loss(next(batches))
         loss.backward()
         if train.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), train.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(reference.denoiser.parameters(), train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()  # difftrain reads the loss every step (to log it); so does the reference.
@@ -238,7 +215,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, list[flo
     from difftrain.data.dummy import make_dummy_imagefolder
     from difftrain.models.tiny import builtin_model_path
 
-    model_dir = builtin_model_path(f"builtin:{args.model}")  # built once, outside the timing
+    model_dir = builtin_model_path(args.builtin)  # built once, outside the timing
     # Enough images for every step of a run to get fresh ones, without an epoch boundary.
     num_images = args.steps * args.batch_size
     data_dir = make_dummy_imagefolder(workdir / "data", num_images, args.resolution)
@@ -256,7 +233,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, list[flo
                     result["between"].append(steady(between, args.warmup))
                 else:
                     result["reference"].append(
-                        steady(time_reference(cfg, model_dir, data_dir), args.warmup)
+                        steady(time_reference(cfg, args.family, model_dir, data_dir), args.warmup)
                     )
             except Exception:
                 sys.stderr.write(log.getvalue())
@@ -308,7 +285,7 @@ def report(args: argparse.Namespace, result: dict[str, list[float]], help_runs) 
         )
     )
     print(row("python -c pass, s", median(pass_times), pass_times))
-    if (args.model, args.batch_size, args.resolution) == ("small", 4, 64):
+    if (args.family, args.model, args.batch_size, args.resolution) == ("sd", "small", 4, 64):
         low, high = SMALL_STEP_RANGE_S
         step = median(reference)
         if step < low:
@@ -359,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         if not os.environ.get("DIFFTRAIN_CACHE"):  # An empty value means unset to difftrain.
             os.environ["DIFFTRAIN_CACHE"] = str(workdir / "cache")
         print(
-            f"model {args.model}, batch {args.batch_size}, {args.resolution} px, "
+            f"model {args.builtin}, batch {args.batch_size}, {args.resolution} px, "
             f"{args.steps} steps (first {args.warmup} not counted), {args.repeats} repeats; "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
             f"cache {os.environ['DIFFTRAIN_CACHE']}",

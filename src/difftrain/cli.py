@@ -93,7 +93,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
             f"--output-dir {args.output_dir} is not empty; choose a new or empty folder"
         )
     path = save_tiny_pipeline(output_dir, args.size, args.seed)
-    print(f"wrote a random-weight {args.size} Stable Diffusion pipeline to {path}")
+    print(f"wrote a random-weight {args.size} pipeline to {path}")
     return 0
 
 
@@ -115,7 +115,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from difftrain.quickstart import run_quickstart
 
-    run_quickstart(Path(args.output_dir), max_steps=args.steps)
+    run_quickstart(Path(args.output_dir), max_steps=args.steps, model=args.model)
     return 0
 
 
@@ -204,7 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
         loads_models=True,
     )
     sub.add_argument("--output-dir", required=True)
-    sub.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    sub.add_argument(
+        "--size",
+        choices=["tiny", "small", "tiny-sdxl", "tiny-sd3", "tiny-flux"],
+        default="tiny",
+        help="tiny / small: Stable Diffusion 1.x layout; tiny-sdxl, tiny-sd3, tiny-flux: "
+        "those families",
+    )
     sub.add_argument("--seed", type=int, default=0)
 
     sub = add("sample", cmd_sample, "generate one image from a pipeline folder", loads_models=True)
@@ -243,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--output-dir", default="quickstart-output")
     sub.add_argument("--steps", type=int, default=30)
+    sub.add_argument(
+        "--model",
+        default="builtin:tiny",
+        help="the model to train: builtin:tiny (default), builtin:tiny-sdxl, builtin:tiny-sd3, "
+        "builtin:tiny-flux, or any pipeline folder / hub id",
+    )
     return parser
 
 

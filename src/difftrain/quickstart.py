@@ -37,7 +37,7 @@ def check_quickstart_dir(output_dir: Path) -> Path:
     return output_dir
 
 
-def run_quickstart(output_dir: Path, max_steps: int = 30) -> Path:
+def run_quickstart(output_dir: Path, max_steps: int = 30, model: str = "builtin:tiny") -> Path:
     from difftrain.sampling import generate, load_pipeline
     from difftrain.training.trainer import train
 
@@ -45,7 +45,7 @@ def run_quickstart(output_dir: Path, max_steps: int = 30) -> Path:
     data_dir = output_dir / "data"
     cfg = resolve_run_config(
         quickstart_config_path(),
-        [f"data.train_dir={data_dir}", f"train.max_steps={max_steps}"],
+        [f"data.train_dir={data_dir}", f"train.max_steps={max_steps}", f"model.pretrained={model}"],
         output_dir=str(output_dir / "run"),
     )
     make_dummy_imagefolder(data_dir, num_images=16, image_size=cfg.data.resolution)
@@ -64,6 +64,7 @@ def run_quickstart(output_dir: Path, max_steps: int = 30) -> Path:
         f"  trained pipeline: {result.output_dir}\n"
         f"  validation grid:  {result.output_dir / 'samples'}\n"
         f"  sample image:     {sample}\n"
-        f"  load it with:     StableDiffusionPipeline.from_pretrained({str(result.output_dir)!r})"
+        f"  load it with:     {type(pipeline).__name__}.from_pretrained("
+        f"{str(result.output_dir)!r})"
     )
     return output_dir

@@ -86,3 +86,31 @@ def test_smoke_builtin_model_is_deterministic_on_gpu(
     losses = [check_artifacts(run.output_dir, record_property) for run in runs]
     assert losses[0] == losses[1], "two deterministic GPU runs gave different losses"
     generate_on_gpu(runs[0].output_dir)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_smoke_every_family_trains_two_steps_on_gpu(
+    family: str, tmp_path: Path, builtin_cache, record_property
+) -> None:
+    """The 2-step smoke on each other family's tiny built-in, in bf16, sampled on the GPU."""
+    import diffusers
+
+    from difftrain.models.families import PIPELINE_CLASSES
+
+    result = smoke_run(
+        tmp_path, family, f"model.pretrained=builtin:tiny-{family}", "train.mixed_precision=bf16"
+    )
+    denoiser = "unet" if family == "sdxl" else "transformer"
+    for name in (f"{denoiser}/diffusion_pytorch_model.safetensors", "model_index.json", "env.json"):
+        assert (result.output_dir / name).is_file(), f"missing artifact {name}"
+    losses = [row["loss"] for row in read_metrics(result.output_dir / "metrics.jsonl")]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses), losses
+    record_property(f"{family}:losses", json.dumps(losses))
+    pipeline_class = getattr(diffusers, PIPELINE_CLASSES[family])
+    pipe = pipeline_class.from_pretrained(result.output_dir).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator("cuda").manual_seed(0)
+    image = pipe(
+        "a red circle", num_inference_steps=2, height=64, width=64, generator=generator
+    ).images[0]
+    assert image.size == (64, 64)

@@ -77,9 +77,7 @@ def _component_python(model: Path) -> None:
 
 
 def _other_pipeline(model: Path) -> None:
-    edit_json(
-        model / "model_index.json", lambda d: d.update(_class_name="StableDiffusionXLPipeline")
-    )
+    edit_json(model / "model_index.json", lambda d: d.update(_class_name="KandinskyV22Pipeline"))
 
 
 def _unknown_scheduler(model: Path) -> None:
@@ -132,9 +130,10 @@ BROKEN_MODELS: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "python file in the folder": (_top_level_python, "ships Python code (pipeline.py)"),
     "python file in a component": (_component_python, "ships Python code (unet/modeling_unet.py)"),
-    "not a Stable Diffusion pipeline": (
+    "not a pipeline difftrain trains": (
         _other_pipeline,
-        "is a StableDiffusionXLPipeline; difftrain supports StableDiffusionPipeline models only",
+        "is a KandinskyV22Pipeline, which difftrain does not train; it trains "
+        "StableDiffusionPipeline (sd), StableDiffusionXLPipeline (sdxl)",
     ),
     "unknown scheduler class": (
         _unknown_scheduler,

@@ -122,7 +122,12 @@ def test_float_written_without_dot_in_yaml_file_is_a_number(tmp_path: Path) -> N
         ),
         (
             {"lora": {"train_text_encoder": True}},
-            "lora.train_text_encoder: needs lora.enabled: true",
+            "lora.train_text_encoder: is set but LoRA is off, so a full fine-tune would run and "
+            "ignore it; set lora.enabled: true",
+        ),
+        (
+            {"lora": {"rank": 16}},
+            "lora.rank: is set but LoRA is off",
         ),
     ],
 )

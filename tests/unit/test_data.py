@@ -7,6 +7,7 @@ import itertools
 import json
 import random
 import warnings
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -149,16 +150,24 @@ def test_different_seeds_give_different_orders() -> None:
 def test_dataset_items_and_loader(dummy_data_dir: Path, tiny_model_dir: Path) -> None:
     from transformers import CLIPTokenizer
 
+    from difftrain.models.families.sd import StableDiffusion
+
     tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
     cfg = DataConfig(train_dir=str(dummy_data_dir), resolution=32, random_flip=True)
-    dataset = CaptionedImageDataset(scan_image_folder(dummy_data_dir), tokenizer, cfg)
+    tokenize = partial(StableDiffusion().tokenize, {"tokenizer": tokenizer})
+    dataset = CaptionedImageDataset(scan_image_folder(dummy_data_dir), tokenize, cfg)
     item = dataset[SampleKey(0, 123)]
     assert item["pixel_values"].shape == (3, 32, 32)
-    assert item["input_ids"].shape == (tokenizer.model_max_length,)
+    assert item["tokens.tokenizer"].shape == (tokenizer.model_max_length,)
     assert torch.equal(item["pixel_values"], dataset[SampleKey(0, 123)]["pixel_values"])
+    # The dummy images are 64 px squares: the original size as read, a crop inside the
+    # 32 px resize (which is the whole image).
+    assert item["original_size"].tolist() == [64, 64]
+    assert item["crop_top_left"].tolist() == [0, 0]
     batch = next(iter(build_dataloader(dataset, batch_size=3, seed=0)))
     assert batch["pixel_values"].shape == (3, 3, 32, 32)
-    assert batch["input_ids"].shape == (3, tokenizer.model_max_length)
+    assert batch["tokens.tokenizer"].shape == (3, tokenizer.model_max_length)
+    assert batch["original_size"].shape == batch["crop_top_left"].shape == (3, 2)
 
 
 def _tree_digest(folder: Path) -> str:

@@ -4,6 +4,7 @@ validation images and loss, model card."""
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -86,12 +87,14 @@ def test_lora_trains_only_the_adapter(
 
     parts = load_components(ModelConfig(pretrained=str(tiny_model_dir)))
     add_lora_adapters(
-        parts.unet, parts.text_encoder, LoraConfig(enabled=True, train_text_encoder=True)
+        parts.denoiser,
+        parts.text_encoders,
+        LoraConfig(enabled=True, train_text_encoder=True),
     )
-    trainable = [name for name, p in parts.unet.named_parameters() if p.requires_grad]
+    trainable = [name for name, p in parts.denoiser.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
-    assert all(p.dtype == torch.float32 for p in parts.unet.parameters() if p.requires_grad)
-    assert any(p.requires_grad for p in parts.text_encoder.parameters())
+    assert all(p.dtype == torch.float32 for p in parts.denoiser.parameters() if p.requires_grad)
+    assert any(p.requires_grad for p in parts.parts["text_encoder"].parameters())
 
 
 def test_lora_with_the_text_encoder(tmp_path: Path, dummy_data_dir: Path, tiny_model_dir) -> None:
@@ -261,11 +264,18 @@ def test_caption_dropout_empties_some_captions_reproducibly(
     empty = tokenizer(
         "", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
     ).input_ids[0]
+    from difftrain.models.families.sd import StableDiffusion
+
     cfg = DataConfig(train_dir=str(dummy_data_dir), resolution=32, caption_dropout=0.5)
-    dataset = CaptionedImageDataset(scan_image_folder(dummy_data_dir), tokenizer, cfg)
-    dropped = [torch.equal(dataset[SampleKey(0, seed)]["input_ids"], empty) for seed in range(200)]
+    tokenize = partial(StableDiffusion().tokenize, {"tokenizer": tokenizer})
+    dataset = CaptionedImageDataset(scan_image_folder(dummy_data_dir), tokenize, cfg)
+
+    def ids(seed: int) -> torch.Tensor:
+        return dataset[SampleKey(0, seed)]["tokens.tokenizer"]
+
+    dropped = [torch.equal(ids(seed), empty) for seed in range(200)]
     assert 60 < sum(dropped) < 140
-    again = [torch.equal(dataset[SampleKey(0, seed)]["input_ids"], empty) for seed in range(200)]
+    again = [torch.equal(ids(seed), empty) for seed in range(200)]
     assert dropped == again
 
 
@@ -304,14 +314,16 @@ def test_validation_loss_is_the_same_number_for_the_same_weights(
         dummy_data_dir,
         validation={"loss_every_steps": 1, "loss_dir": str(dummy_data_dir)},
     )
+    from difftrain.training.objective import DdpmObjective, LossSettings
+
     parts = load_components(ModelConfig(pretrained=str(tiny_model_dir)))
-    scorer = ValidationLoss(cfg, parts, torch.device("cpu"), torch.float32)
-    ac = parts.noise_scheduler.alphas_cumprod
-    first = scorer(parts.unet, "epsilon", ac)
-    assert first == scorer(parts.unet, "epsilon", ac)
+    objective = DdpmObjective(parts.noise_scheduler, LossSettings("epsilon"), torch.device("cpu"))
+    scorer = ValidationLoss(cfg, parts, objective)
+    first = scorer(parts.denoiser)
+    assert first == scorer(parts.denoiser)
     with torch.no_grad():
-        next(parts.unet.parameters()).add_(0.5)
-    assert scorer(parts.unet, "epsilon", ac) != first
+        next(parts.denoiser.parameters()).add_(0.5)
+    assert scorer(parts.denoiser) != first
 
 
 def test_validation_loss_needs_a_folder() -> None:

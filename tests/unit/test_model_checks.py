@@ -60,10 +60,10 @@ def test_component_class_the_library_lacks_is_refused(model_copy: Path) -> None:
 
 
 def test_every_refusal_names_the_setting_and_the_model(model_copy: Path) -> None:
-    edit_json(model_copy / "model_index.json", _class_name="StableDiffusionXLPipeline")
+    edit_json(model_copy / "model_index.json", _class_name="KandinskyV22Pipeline")
     with pytest.raises(UserError) as caught:
         check_model_source(ModelConfig(pretrained=str(model_copy)), label="--model")
-    assert str(caught.value).startswith(f"--model: {model_copy} is a StableDiffusionXLPipeline")
+    assert str(caught.value).startswith(f"--model: {model_copy} is a KandinskyV22Pipeline")
 
 
 def test_load_components_refuses_an_unknown_scheduler(model_copy: Path) -> None:

@@ -98,7 +98,7 @@ def test_hub_id_loads_from_the_local_hub_cache(tiny_model_dir: Path, hub_cache) 
         "from difftrain.config.schema import ModelConfig\n"
         "c = load_components(ModelConfig(pretrained='some-org/tiny-sd'))\n"
         "print(c.source, type(c.noise_scheduler).__name__, type(c.inference_scheduler).__name__,"
-        " c.unet.config.cross_attention_dim == c.text_encoder.config.hidden_size)\n"
+        " c.denoiser.config.cross_attention_dim == c.parts['text_encoder'].config.hidden_size)\n"
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["some-org/tiny-sd", "DDPMScheduler", "PNDMScheduler", "True"]

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from difftrain.cli import main
+from difftrain.models.families.sd import StableDiffusion
 
 
 def sample(model: Path, output: Path, *extra: str) -> int:
@@ -35,14 +36,14 @@ def lora_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from difftrain.models.lora import add_lora_adapters, save_lora_weights
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
-    add_lora_adapters(unet, None, LoraConfig(enabled=True))
+    add_lora_adapters(unet, {}, LoraConfig(enabled=True))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in unet.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator))
     folder = tmp_path_factory.mktemp("lora")
-    save_lora_weights(folder, unet)
+    save_lora_weights(folder, StableDiffusion(), unet)
     return folder
 
 

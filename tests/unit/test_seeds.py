@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from difftrain.seeds import SEED_BITS, derive_seed, generator
-from difftrain.training.loss import LossSettings, draw_for_samples
+from difftrain.training.loss import draw_for_samples
+from difftrain.training.objective import DdpmObjective, FlowObjective, LossSettings
 
 
 def test_same_parts_same_seed_and_other_parts_other_seeds() -> None:
@@ -40,9 +41,19 @@ def test_validation_loss_takes_the_largest_seed(tmp_path, dummy_data_dir, tiny_m
 
 
 def test_a_sample_draws_the_same_in_any_batch() -> None:
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
     settings = LossSettings(prediction_type="epsilon", seed=3, noise_offset=0.1)
-    together = draw_for_samples([4, 5, 6, 7], (4, 8, 8), 1000, settings)
-    split = [draw_for_samples(p, (4, 8, 8), 1000, settings) for p in ([4, 5], [6, 7])]
+    for objective in (
+        DdpmObjective(DDPMScheduler(), settings, torch.device("cpu")),
+        FlowObjective(FlowMatchEulerDiscreteScheduler(shift=3.0), settings, torch.device("cpu")),
+    ):
+        _check_same_draws_in_any_batch(objective)
+
+
+def _check_same_draws_in_any_batch(objective) -> None:
+    together = draw_for_samples([4, 5, 6, 7], (4, 8, 8), objective)
+    split = [draw_for_samples(p, (4, 8, 8), objective) for p in ([4, 5], [6, 7])]
     for name in ("latent_eps", "noise", "model_noise", "timesteps"):
         joined = torch.cat([getattr(part, name) for part in split])
         assert torch.equal(getattr(together, name), joined), name

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from difftrain.config import config_from_dict
 from difftrain.errors import TrainingStopped, UserError
-from difftrain.training import loss as loss_module
+from difftrain.training import objective as objective_module
 from difftrain.training import trainer as trainer_module
 from difftrain.training.checkpoint import is_complete, list_checkpoints
 from difftrain.training.metrics import read_metrics
@@ -181,7 +181,7 @@ def test_two_accumulated_batches_of_2_equal_one_batch_of_4(
             dummy_data_dir,
             train={"batch_size": batch, "gradient_accumulation_steps": accumulation,
                    "max_steps": 2, "deterministic": True},
-            lora={"enabled": lora, "dropout": 0.3, "rank": 4},
+            **({"lora": {"enabled": True, "dropout": 0.3, "rank": 4}} if lora else {}),
         )  # fmt: skip
         result = train(cfg)
         weights = LORA_WEIGHTS if lora else UNET_WEIGHTS
@@ -224,9 +224,11 @@ def test_v_prediction_model_trains_on_velocity(
     scheduler = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**scheduler, "prediction_type": "v_prediction"}))
     seen = []
-    original = loss_module.training_target
+    original = objective_module.training_target
     monkeypatch.setattr(
-        loss_module, "training_target", lambda kind, *a: seen.append(kind) or original(kind, *a)
+        objective_module,
+        "training_target",
+        lambda kind, *a: seen.append(kind) or original(kind, *a),
     )
     train(make_config(tmp_path / "out", dummy_data_dir, model={"pretrained": str(model)}))
     assert seen and set(seen) == {"v_prediction"}
