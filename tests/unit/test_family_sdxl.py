@@ -246,7 +246,7 @@ def test_the_shipped_sdxl_lora_config_trains_on_the_tiny_sdxl(
             f"data.train_dir={dummy_data_dir}", "data.resolution=64",
             f"train.output_dir={tmp_path / 'out'}", "train.max_steps=2",
             "train.mixed_precision='no'", "train.gradient_accumulation_steps=1",
-            "validation.every_steps=0",
+            "validation.every_steps=0", "validation.num_inference_steps=2",
         ],
     )  # fmt: skip
     assert cfg.model.vae is None

@@ -23,7 +23,6 @@ import torch
 from difftrain.config import Config, config_to_dict
 from difftrain.data.dataset import CaptionedImageDataset, build_dataloader
 from difftrain.data.folder import Example
-from difftrain.diffusion.flow import TIMESTEP_SAMPLING_DEFAULTS
 from difftrain.errors import TrainingStopped
 from difftrain.models.loading import PipelineComponents, load_components
 from difftrain.models.sample_dropout import keyed_by
@@ -35,7 +34,7 @@ from difftrain.training.distributed import (
     sum_over_processes,
 )
 from difftrain.training.loss import diffusion_loss
-from difftrain.training.objective import LossSettings, build_objective
+from difftrain.training.model_setup import DTYPES, build_ema, prepare_models, run_objective
 from difftrain.training.optim import build_lr_scheduler, build_optimizer
 from difftrain.training.preflight import check_inputs, check_precision
 from difftrain.training.resume import continue_in_place
@@ -179,59 +178,20 @@ class TrainingRun(RunCheckpoints, RunOutputs):
         """Set by `train()` once the output folder is ready for this run's metrics."""
         self.output_dir = Path(cfg.train.output_dir)
         self.device = components.device = accelerator.device
-        train_cfg, lora = cfg.train, cfg.lora
+        train_cfg = cfg.train
         self.weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
         if train_cfg.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        denoiser, text_encoders = components.denoiser, components.text_encoders
-        # Frozen weights run in the compute precision (the VAE in `model.vae_dtype` if set). A
-        # full fine-tune keeps the denoiser in fp32 (the master weights); LoRA freezes it too
-        # and trains fp32 adapters on top.
-        vae_dtype = DTYPES.get(cfg.model.vae_dtype or "", self.weight_dtype)
-        frozen = [*text_encoders.values()] + ([denoiser] if lora.enabled else [])
-        for model in [components.vae, *frozen]:
-            model.requires_grad_(False)
-            _to(model, self.device, vae_dtype if model is components.vae else self.weight_dtype)
-            model.eval()
-        if not lora.enabled:
-            denoiser.to(self.device)  # fp32 master weights; LoRA's frozen denoiser moved above
-        self.train_text_encoder = lora.enabled and lora.train_text_encoder
-        trained_text = {
-            name: text_encoders[name]
-            for name in family.lora_text_encoders
-            if self.train_text_encoder and name in text_encoders
-        }
-        if lora.enabled:
-            from difftrain.models.lora import add_lora_adapters
-
-            add_lora_adapters(denoiser, trained_text, lora)
-        if train_cfg.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
-            for text_encoder in trained_text.values():
-                text_encoder.gradient_checkpointing_enable()
-        for model in [denoiser, *trained_text.values()]:
-            model.train()
+        denoiser = components.denoiser
+        trained_text = prepare_models(components, cfg, self.device, self.weight_dtype)
+        self.train_text_encoder = bool(trained_text)
         # FSDP2 (full fine-tunes on several processes): shard before the optimizer sees the
         # parameters, and keep the sharded denoiser out of accelerate's DDP wrapping.
         self.fsdp = train_cfg.fsdp and accelerator.num_processes > 1
         if self.fsdp:
             shard_denoiser(denoiser, family.shard_units(denoiser))
-
-        self.ema = None
-        if cfg.ema.enabled:
-            from diffusers.training_utils import EMAModel
-
-            self.ema = EMAModel(
-                denoiser.parameters(),
-                decay=cfg.ema.decay,
-                use_ema_warmup=cfg.ema.warmup,
-                inv_gamma=cfg.ema.inv_gamma,
-                power=cfg.ema.power,
-                model_cls=type(denoiser),
-                model_config=denoiser.config,
-            )
-            self.ema.to(self.device)
+        self.ema = build_ema(cfg.ema, denoiser, self.device)
 
         tokenize = partial(family.tokenize, components.tokenizers())
         self.dataset = CaptionedImageDataset(examples, tokenize, cfg.data)
@@ -266,15 +226,9 @@ class TrainingRun(RunCheckpoints, RunOutputs):
             grad_scaler=accelerator.scaler,
         )
 
-        scheduler = components.noise_scheduler
-        if train_cfg.prediction_type is not None:
-            # Train for the requested parameterisation; the saved pipeline's scheduler follows.
-            for sched in (scheduler, components.inference_scheduler):
-                sched.register_to_config(prediction_type=train_cfg.prediction_type)
-        self.objective = build_objective(
-            family.flow_matching, scheduler, loss_settings(train_cfg, scheduler, self),
-            self.device,
-        )  # fmt: skip
+        self.objective = run_objective(
+            train_cfg, components, self.device, self.weight_dtype, self.train_text_encoder
+        )
         self.last_grid: Path | None = None
         self.final_denoiser = None
         """A sharded run's gathered denoiser, for the final save (`gather_for_publish`)."""
@@ -429,43 +383,9 @@ class TrainingRun(RunCheckpoints, RunOutputs):
         logger.info(line, extra={"per_step": True})
 
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def loss_settings(train_cfg, scheduler, run: TrainingRun) -> LossSettings:
-    """The loss's settings from the `train` section (and the scheduler's parameterisation)."""
-    defaults = TIMESTEP_SAMPLING_DEFAULTS
-    return LossSettings(
-        prediction_type=scheduler.config.get("prediction_type") or "epsilon",
-        seed=train_cfg.seed,
-        snr_gamma=train_cfg.snr_gamma,
-        noise_offset=train_cfg.noise_offset,
-        input_perturbation=train_cfg.input_perturbation,
-        weight_dtype=run.weight_dtype,
-        train_text_encoder=run.train_text_encoder,
-        timestep_sampling=train_cfg.timestep_sampling or "logit_normal",
-        logit_mean=_or(train_cfg.logit_mean, defaults["logit_mean"]),
-        logit_std=_or(train_cfg.logit_std, defaults["logit_std"]),
-        mode_scale=_or(train_cfg.mode_scale, defaults["mode_scale"]),
-        loss_weighting=train_cfg.loss_weighting or "none",
-    )
-
-
-def _or(value, default):
-    return default if value is None else value
-
-
 def _norm_value(norm: torch.Tensor) -> float:
     # A sharded run's norm is a (replicated) DTensor: its full value is the norm.
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
-def _to(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    # Cast only when needed: diffusers warns about any dtype cast of its models.
-    if model.dtype == dtype:
-        model.to(device)
-    else:
-        model.to(device, dtype=dtype)
 
 
 def _release(accelerator) -> None:
