@@ -95,7 +95,14 @@ def load_pipeline(model_dir: str | Path, device: str | None = None, *, label: st
     only_safetensors = all(safetensors_only(source, None, part) for part in parts) or None
     try:
         with diffusers_logs_silenced():
-            pipeline = DiffusionPipeline.from_pretrained(source, use_safetensors=only_safetensors)
+            # diffusers loads a component saved as null (SD3 without T5) only when told so.
+            index = DiffusionPipeline.load_config(source)
+            absent = {
+                name: None for name in family.required_parts() if index.get(name) == [None, None]
+            }
+            pipeline = DiffusionPipeline.from_pretrained(
+                source, use_safetensors=only_safetensors, **absent
+            )
     except LOAD_ERRORS as exc:
         raise UserError(
             f"{label}: could not load {name}: {first_line(exc)}; re-save or re-download the model"

@@ -63,8 +63,10 @@ def test_overrides_take_the_type_of_the_key(tmp_path: Path) -> None:
             "data.random_flip=true",
             "validation.prompts=[a cat, a dog]",
             "checkpointing.total_limit=null",
+            "train.mixed_precision=no",  # YAML alone would read `no` as False
         ],
     )
+    assert cfg.train.mixed_precision == "no"
     assert cfg.train.max_steps == 7
     assert cfg.train.learning_rate == pytest.approx(1e-4)
     assert cfg.model.revision == "007"

@@ -143,11 +143,6 @@ def test_drop_t5_trains_without_loading_t5_and_saves_a_pipeline_without_it(
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sampling.load_pipeline calls from_pretrained without text_encoder_3=None, which "
-    "diffusers needs for a pipeline saved without T5",
-)
 def test_difftrain_sample_loads_a_pipeline_saved_without_t5(
     tmp_path: Path, pipeline, builtin_cache: Path
 ) -> None:

@@ -235,6 +235,9 @@ def _coerce(value: Any, hint: Any, key: str, source: str | None) -> Any:
         return _coerce(value if text is None else _RawText(text, value), inner, key, source)
 
     if origin is Literal:
+        # `--set train.mixed_precision=no`: YAML reads `no` as False; the typed text is meant.
+        if text is not None and text.strip() in [a for a in args if isinstance(a, str)]:
+            return text.strip()
         if value in args:
             return value
         close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)

@@ -36,8 +36,12 @@ def write_model_card(
     lora: bool,
     sample_grid: Path | None,
     pipeline_class: str = "StableDiffusionPipeline",
+    dropped: tuple[str, ...] = (),
 ) -> Path:
-    """Write `output_dir/README.md` (atomically) and return its path."""
+    """Write `output_dir/README.md` (atomically) and return its path.
+
+    `dropped`: components the run left out (SD3's T5), passed as None in the load code.
+    """
     output_dir = Path(output_dir)
     sections = [
         _front_matter(base_model, lora, pipeline_class),
@@ -45,7 +49,7 @@ def write_model_card(
         _training_section(base_model, data_dir, num_images, steps, final_loss),
         _settings_table(settings),
         _samples_section(output_dir, sample_grid),
-        _load_section(output_dir, base_model, lora, pipeline_class),
+        _load_section(output_dir, base_model, lora, pipeline_class, dropped),
     ]
     path = output_dir / "README.md"
     atomic_write_text(path, "\n".join(section for section in sections if section))
@@ -122,16 +126,22 @@ def _samples_section(output_dir: Path, sample_grid: Path | None) -> str:
     return f"## Samples\n\n![validation samples]({link})\n"
 
 
-def _load_section(output_dir: Path, base_model: str, lora: bool, pipeline_class: str) -> str:
+def _load_section(
+    output_dir: Path, base_model: str, lora: bool, pipeline_class: str, dropped: tuple[str, ...]
+) -> str:
     # json.dumps quotes a path as a valid Python string literal (backslashes included).
     out = json.dumps(str(output_dir.resolve()))
+    # diffusers loads a pipeline saved without a component only when told it is None.
+    out_args = out + "".join(f", {name}=None" for name in dropped)
     if lora:
         lines = [
-            f"pipe = {pipeline_class}.from_pretrained({json.dumps(base_model)})",
+            f"pipe = {pipeline_class}.from_pretrained({json.dumps(base_model)}"
+            + "".join(f", {name}=None" for name in dropped)
+            + ")",
             f"pipe.load_lora_weights({out})",
         ]
     else:
-        lines = [f"pipe = {pipeline_class}.from_pretrained({out})"]
+        lines = [f"pipe = {pipeline_class}.from_pretrained({out_args})"]
     code = "\n".join(
         [
             f"from diffusers import {pipeline_class}",

@@ -101,6 +101,7 @@ class RunOutputs:
             steps=self.progress.step,
             lora=cfg.lora.enabled,
             pipeline_class=self.family.pipeline_class,
+            dropped=self.family.dropped_parts(),
             sample_grid=self.last_grid,
         )
 
