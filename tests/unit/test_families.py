@@ -158,3 +158,56 @@ def test_held_out_loss_falls_after_forty_steps(
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     (trained,) = [json.loads(line)["val_loss"] for line in lines if "val_loss" in line]
     assert trained < untrained
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ema_gradient_checkpointing_bf16_and_a_validation_grid(
+    family: str, tmp_path: Path, dummy_data_dir: Path, builtin_cache: Path
+) -> None:
+    from PIL import Image
+
+    out = tmp_path / "out"
+    cfg = family_config(
+        family, out, dummy_data_dir,
+        train={"gradient_checkpointing": True, "mixed_precision": "bf16"},
+        ema={"enabled": True, "decay": 0.9},
+        checkpointing={"every_steps": 2},
+        validation={"prompts": ["a red circle", "a blue square"], "num_inference_steps": 2},
+    )  # fmt: skip
+    train(cfg)
+    name = family_class(family).denoiser
+    assert (out / "checkpoint-2" / f"{name}_ema").is_dir()
+    with Image.open(out / "samples" / "step-2.png") as grid:
+        assert grid.width == 2 * 64
+    card = (out / "README.md").read_text()
+    assert f"from diffusers import {PIPELINE_CLASSES[family]}" in card
+
+
+@pytest.mark.parametrize(
+    ("family", "setting", "message"),
+    [
+        ("sd", "train.timestep_sampling=mode", "train.timestep_sampling: applies to flow"),
+        ("sdxl", "train.loss_weighting=cosmap", "train.loss_weighting: applies to flow"),
+        ("sd", "train.guidance_scale=1.0", "train.guidance_scale: is Flux's"),
+        ("sd3", "train.snr_gamma=5", "train.snr_gamma: does not apply to model family sd3"),
+        ("flux", "train.prediction_type=v_prediction", "train.prediction_type: does not apply"),
+        ("flux", "model.drop_t5=true", "model.drop_t5: applies to sd3 only"),
+        ("sdxl", "model.max_sequence_length=64", "model.max_sequence_length: sets the T5"),
+        ("sd", "model.family=flux", "has no tokenizer_2/ folder; a Flux pipeline needs"),
+    ],
+)
+def test_options_of_another_family_are_refused(
+    family: str, setting: str, message: str, tmp_path: Path, dummy_data_dir: Path,
+    builtin_cache: Path, capsys,
+) -> None:  # fmt: skip
+    from difftrain.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{pretrained: '{BUILTIN_OF[family]}'}}\n"
+                      f"data: {{train_dir: '{dummy_data_dir}', resolution: 64}}\n")  # fmt: skip
+    code = main(["train", "--config", str(config), "--output-dir", str(tmp_path / "o"),
+                 "--set", setting])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert message in err[0]
+    assert not (tmp_path / "o").exists()
