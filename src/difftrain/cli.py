@@ -223,7 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--steps", type=int, default=25, help="inference steps")
-    sub.add_argument("--guidance-scale", type=float, default=7.5)
+    sub.add_argument(
+        "--guidance-scale",
+        type=float,
+        help="classifier-free guidance (Flux: its distilled-guidance input); default: the "
+        "pipeline's own (SD 7.5, SDXL 5, SD3 7, Flux 3.5)",
+    )
     sub.add_argument("--height", type=int, help="multiple of 8 (default: the model's size)")
     sub.add_argument("--width", type=int, help="multiple of 8 (default: the model's size)")
     sub.add_argument(

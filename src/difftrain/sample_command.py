@@ -52,7 +52,7 @@ def check_sampling_options(args: argparse.Namespace) -> None:
             raise UserError(f"{option}: must be a positive multiple of 8, got {value}")
     if args.steps < 1:
         raise UserError(f"--steps: must be at least 1, got {args.steps}")
-    if not math.isfinite(args.guidance_scale):
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
         raise UserError(f"--guidance-scale: must be a finite number, got {args.guidance_scale}")
     if args.device is not None:
         check_device(args.device)

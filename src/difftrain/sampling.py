@@ -17,11 +17,17 @@ def generate(
     *,
     seed: int,
     num_inference_steps: int,
-    guidance_scale: float,
+    guidance_scale: float | None,
     height: int | None = None,
     width: int | None = None,
+    **call_settings,
 ) -> list[Image.Image]:
-    """One image per prompt; prompt i uses seed `seed + i`, so each image is reproducible alone."""
+    """One image per prompt; prompt i uses seed `seed + i`, so each image is reproducible alone.
+
+    `guidance_scale` None keeps the pipeline's own default (7.5 for SD, 5 for SDXL, 7 for SD3,
+    3.5 for Flux, whose value is its distilled-guidance input); `call_settings` are further
+    pipeline arguments (the T5 prompt length).
+    """
     import torch
 
     images = []
@@ -30,10 +36,11 @@ def generate(
         result = pipeline(
             prompt,
             num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
             height=height,
             width=width,
             generator=generator,
+            **({} if guidance_scale is None else {"guidance_scale": guidance_scale}),
+            **call_settings,
         )
         images.append(result.images[0])
     return images

@@ -259,7 +259,9 @@ class ValidationConfig:
 
     num_inference_steps: int = _checked(20, _positive, maximum=1000)
     """Denoising steps per validation image (at most 1000, the usual training timesteps)."""
-    guidance_scale: float = _checked(7.5, _non_negative)
+    guidance_scale: float | None = _checked(None, _non_negative)
+    """Guidance of the validation images (Flux: its distilled-guidance input); null uses the
+    pipeline's own default (SD 7.5, SDXL 5, SD3 7, Flux 3.5)."""
 
     loss_every_steps: int = _checked(0, _non_negative)
     """Every N steps, a validation loss on `loss_dir` at fixed timesteps and fixed noise, so it

@@ -96,6 +96,7 @@ def save_validation_grid(
             guidance_scale=validation.guidance_scale,
             height=cfg.data.resolution,
             width=cfg.data.resolution,
+            **family.sampling_call_settings(),
         )
     path = Path(cfg.train.output_dir) / "samples" / f"step-{step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

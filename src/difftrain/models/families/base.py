@@ -141,6 +141,10 @@ class ModelFamily:
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
+    def sampling_call_settings(self) -> dict[str, Any]:
+        """Pipeline call arguments that follow the run: the T5 prompt length it trained with."""
+        return {"max_sequence_length": self.max_sequence_length()} if self.uses_t5 else {}
+
     def sampling_settings(self) -> dict[str, Any]:
         """Non-component arguments of the pipeline class (safety checker off, ...)."""
         return {}
