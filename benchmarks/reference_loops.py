@@ -47,12 +47,12 @@ def load(family: str, model_dir: Path) -> Reference:
 
     folder = str(model_dir)
     index = json.loads((model_dir / "model_index.json").read_text())
+    skip = ("scheduler", "safety_checker", "feature_extractor", "image_encoder")
     parts = {
         name: _component(folder, name, index)
-        for name in index
-        if not name.startswith("_") and index[name][0] is not None and name != "scheduler"
-        and name not in ("safety_checker", "feature_extractor", "image_encoder")
-    }  # fmt: skip
+        for name, entry in index.items()
+        if isinstance(entry, list) and entry[0] is not None and name not in skip
+    }
     for name, part in parts.items():
         if isinstance(part, torch.nn.Module) and name not in ("unet", "transformer"):
             part.requires_grad_(False)
@@ -108,6 +108,15 @@ def _ddpm_loss(scheduler, latents, predict):
     return F.mse_loss(predict(noisy, timesteps).float(), target.float())
 
 
+@torch.no_grad()
+def _two_clips(parts, batch, with_first: bool = False):
+    """SDXL / SD3: both CLIP encoders' penultimate hidden states, joined; their outputs."""
+    first = parts["text_encoder"](batch["tokenizer"], output_hidden_states=True)
+    second = parts["text_encoder_2"](batch["tokenizer_2"], output_hidden_states=True)
+    joined = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    return (joined, second, first) if with_first else (joined, second)
+
+
 def _sdxl_loss(folder, parts):
     from diffusers import DDPMScheduler
 
@@ -116,10 +125,7 @@ def _sdxl_loss(folder, parts):
 
     def loss(batch):
         latents = _latents(vae, batch["pixel_values"])
-        with torch.no_grad():
-            first = parts["text_encoder"](batch["tokenizer"], output_hidden_states=True)
-            second = parts["text_encoder_2"](batch["tokenizer_2"], output_hidden_states=True)
-        embeddings = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        embeddings, second = _two_clips(parts, batch)
         size = batch["pixel_values"].shape[-1]
         # Square images used whole: original size = target size, crop at (0, 0).
         time_ids = torch.tensor([[size, size, 0, 0, size, size]] * latents.shape[0])
@@ -152,11 +158,9 @@ def _sd3_loss(folder, parts):
 
     def loss(batch):
         latents = _latents(vae, batch["pixel_values"])
+        clip, second, first = _two_clips(parts, batch, with_first=True)
         with torch.no_grad():
-            first = parts["text_encoder"](batch["tokenizer"], output_hidden_states=True)
-            second = parts["text_encoder_2"](batch["tokenizer_2"], output_hidden_states=True)
             t5 = parts["text_encoder_3"](batch["tokenizer_3"])[0]
-        clip = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         embeddings = torch.cat([clip, t5], dim=-2)
         pooled = torch.cat([first.text_embeds, second.text_embeds], dim=-1)

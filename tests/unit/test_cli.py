@@ -158,6 +158,16 @@ def test_quickstart_runs_and_reruns(tmp_path: Path, capsys, tiny_model_dir) -> N
     assert code == 0  # re-running replaces its own run
 
 
+def test_quickstart_takes_another_family(tmp_path: Path, capsys, builtin_cache) -> None:
+    argv = ["quickstart", "--output-dir", str(tmp_path / "q"), "--steps", "2"]
+    code, out, _ = run_cli(capsys, *argv, "--model", "builtin:tiny-flux")
+    assert code == 0 and "FluxPipeline.from_pretrained(" in out
+    assert (
+        tmp_path / "q" / "run" / "transformer" / "diffusion_pytorch_model.safetensors"
+    ).is_file()
+    assert (tmp_path / "q" / "sample.png").is_file()
+
+
 def test_non_finite_loss_exits_1_with_one_line(
     tmp_path: Path, capsys, dummy_data_dir: Path, tiny_model_dir, monkeypatch
 ) -> None:
