@@ -110,7 +110,12 @@ class ModelFamily:
         return self.uses_t5 and tokenizer_name == self.tokenizers[-1]
 
     def encode_prompts(self, parts: dict[str, Any], batch: dict[str, Any], device) -> dict:
-        """The denoiser's text conditioning for a batch (tensors on `device`)."""
+        """The denoiser's text conditioning for a batch (tensors on `device`).
+
+        Every tensor has the batch on dim 0, one row per caption, so a sample's rows can be
+        cached and batches assembled from them; what is the same for every sample (Flux's
+        text ids) is made in `predict`.
+        """
         raise NotImplementedError
 
     def predict(self, denoiser, noisy, timesteps, conditioning: dict, batch: dict):

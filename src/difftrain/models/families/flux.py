@@ -38,13 +38,9 @@ class Flux(ModelFamily):
     def encode_prompts(self, parts: dict[str, Any], batch: dict[str, Any], device) -> dict:
         clip = parts["text_encoder"](batch["tokens.tokenizer"].to(device), return_dict=True)
         t5 = parts["text_encoder_2"](batch["tokens.tokenizer_2"].to(device), return_dict=True)
-        prompt_embeds = t5.last_hidden_state
-        # Text tokens all sit at position (0, 0, 0) of the rotary embedding, as in FluxPipeline.
-        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=prompt_embeds.dtype)
         return {
-            "prompt_embeds": prompt_embeds,
+            "prompt_embeds": t5.last_hidden_state,
             "pooled_prompt_embeds": clip.pooler_output,
-            "text_ids": text_ids,
         }
 
     def predict(self, denoiser, noisy, timesteps, conditioning: dict, batch: dict):
@@ -56,14 +52,17 @@ class Flux(ModelFamily):
             value = DEFAULT_GUIDANCE if value is None else value
             guidance = torch.full((batch_size,), value, device=noisy.device, dtype=noisy.dtype)
         image_ids = latent_image_ids(height // 2, width // 2, noisy.device, noisy.dtype)
+        prompt_embeds = conditioning["prompt_embeds"]
+        # Text tokens all sit at position (0, 0, 0) of the rotary embedding, as in FluxPipeline.
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
         output = denoiser(
             hidden_states=pack_latents(noisy),
             # The objective's timesteps are sigma * 1000; the transformer scales [0, 1] itself.
             timestep=timesteps / 1000,
             guidance=guidance,
             pooled_projections=conditioning["pooled_prompt_embeds"],
-            encoder_hidden_states=conditioning["prompt_embeds"],
-            txt_ids=conditioning["text_ids"],
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=text_ids,
             img_ids=image_ids,
             return_dict=False,
         )[0]
