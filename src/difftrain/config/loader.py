@@ -137,6 +137,20 @@ def _check_combinations(cfg: Config, source: str | None) -> None:
             "replicate); turn off train.fsdp, or lora.enabled / ema.enabled",
             source,
         )
+    if cfg.data.cache_latents and not cfg.data.center_crop:
+        raise ConfigError(
+            "data.cache_latents",
+            "needs data.center_crop: true (a random crop changes every epoch, so its latents "
+            "could never be reused); set data.center_crop: true or turn off the cache",
+            source,
+        )
+    if cfg.data.cache_text_embeddings and cfg.lora.enabled and cfg.lora.train_text_encoder:
+        raise ConfigError(
+            "data.cache_text_embeddings",
+            "cannot cache the output of a text encoder that trains (lora.train_text_encoder); "
+            "turn off one of them",
+            source,
+        )
     if cfg.ema.enabled and cfg.lora.enabled:
         raise ConfigError(
             "ema.enabled",

@@ -126,6 +126,21 @@ class DataConfig:
     """Probability of training on an empty caption instead (teaches the unconditional
     prediction that classifier-free guidance needs); reproducible from `train.seed`."""
 
+    cache_latents: bool = False
+    """Cache each sample's VAE posterior (mean and std, so the latent sample stays the run's
+    own draw) and stop decoding and encoding its image every step. An entry is keyed by the
+    image file's content, the crop, flip and size, the VAE's weights and dtype: an edited
+    image, a new resolution or another VAE never reuses an old entry. Needs
+    data.center_crop: true (a random crop would need one entry per crop)."""
+
+    cache_text_embeddings: bool = False
+    """Cache the text encoders' outputs per caption (keyed by the token ids, the encoders'
+    weights and dtype); not while a text encoder trains."""
+
+    cache_dir: str | None = None
+    """Where cache entries live, shared by runs; null is $DIFFTRAIN_CACHE/latents
+    (~/.cache/difftrain/latents). Safe to delete at any time (`difftrain cache clear`)."""
+
     on_bad_image: Literal["error", "skip"] = "error"
     """A corrupt or truncated image stops the run (`error`), or is left out and listed in
     `OUTPUT_DIR/skipped_images.txt` (`skip`; every image is then decoded once up front)."""

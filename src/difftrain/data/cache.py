@@ -9,6 +9,7 @@ no pickle), written atomically, at `<root>/<kind>/<key[:2]>/<key>.safetensors`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -32,9 +33,8 @@ CACHE_FORMAT_VERSION = 1
 checksum, how keys are built), and the old entries are simply never found again."""
 
 RACY_WINDOW_NS = 2_000_000_000
-"""A file changed this recently is hashed afresh on every call, never memoised: file systems
-stamp times from a coarse clock, so a rewrite within the same tick can leave size, mtime and
-ctime unchanged (git's "racily clean" files)."""
+"""A file changed this recently is never memoised: times come from a coarse clock, so a rewrite
+in the same tick can leave size, mtime and ctime unchanged (git's "racily clean" files)."""
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _KIND = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _KEY = re.compile(r"[0-9a-f]{64}")
@@ -86,25 +86,23 @@ def weights_hash(module: torch.nn.Module) -> str:
     """
     cls = type(module)
     digest = hashlib.sha256(f"{cls.__module__}.{cls.__qualname__}\n".encode())
-    for name, value in sorted(module.state_dict().items()):
+    state = module.state_dict()
+    for name, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"weights_hash: state_dict entry {name!r} is not a tensor")
-        _hash_tensor(digest, name, value)
-    return digest.hexdigest()
+    return _checksum(state, digest)
 
 
-def _hash_tensor(digest: hashlib._Hash, name: str, tensor: torch.Tensor) -> None:
-    """A JSON line (name, dtype, shape, byte count), then the bytes: unambiguous when chained."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    size = flat.numel() * flat.element_size()
-    digest.update(json.dumps([name, str(flat.dtype), list(tensor.shape), size]).encode() + b"\n")
-    digest.update(flat.view(torch.uint8).numpy())
-
-
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
+def _checksum(tensors: dict[str, torch.Tensor], digest: hashlib._Hash | None = None) -> str:
+    """Per tensor in name order a JSON line (name, dtype, shape, byte count), then its bytes:
+    the lines delimit the bytes, so no two different tensor sets feed the same stream."""
+    digest = digest or hashlib.sha256()
     for name in sorted(tensors):
-        _hash_tensor(digest, name, tensors[name])
+        flat = tensors[name].detach().cpu().contiguous().reshape(-1)
+        size = flat.numel() * flat.element_size()
+        line = json.dumps([name, str(flat.dtype), list(tensors[name].shape), size])
+        digest.update(line.encode() + b"\n")
+        digest.update(flat.view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
@@ -199,14 +197,12 @@ class TensorCache:
         """{kind: {"entries": n, "bytes": total}} for the entries under root."""
         summary: dict[str, dict[str, int]] = {}
         for kind, path, is_entry in self._files():
-            try:
-                size = path.lstat().st_size if is_entry else None
-            except FileNotFoundError:
-                continue  # removed since it was listed
-            if size is not None:
-                counts = summary.setdefault(kind, {"entries": 0, "bytes": 0})
-                counts["entries"] += 1
-                counts["bytes"] += size
+            with contextlib.suppress(FileNotFoundError):  # removed since it was listed
+                size = path.lstat().st_size
+                if is_entry:
+                    counts = summary.setdefault(kind, {"entries": 0, "bytes": 0})
+                    counts["entries"] += 1
+                    counts["bytes"] += size
         return summary
 
     def clear(self) -> int:
@@ -222,10 +218,8 @@ class TensorCache:
             removed += is_entry
             shards.add(path.parent)
         for folder in sorted(shards) + sorted({shard.parent for shard in shards}):
-            try:
+            with contextlib.suppress(OSError):  # not empty: someone else's file, or a new entry
                 folder.rmdir()
-            except OSError:
-                pass  # not empty: someone else's file, or a new entry
         return removed
 
     def _files(self) -> Iterator[tuple[str, Path, bool]]:
@@ -274,14 +268,12 @@ def _discard(path: Path, inode: int) -> None:
     """Rename a broken entry aside, then delete it: racing readers find the broken file or none.
     Should the rename catch a valid entry written meanwhile (another inode), it is put back."""
     aside = path.with_name(f".{path.name}.{uuid.uuid4().hex}{OLD_SUFFIX}")
-    try:
+    with contextlib.suppress(OSError):  # gone already: another reader discarded it
         os.replace(path, aside)
         if os.stat(aside).st_ino != inode:
             os.replace(aside, path)
             return
         aside.unlink()
-    except OSError:
-        pass  # already discarded by another reader; a stuck file is found broken again next time
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

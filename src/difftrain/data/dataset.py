@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from difftrain.config.schema import DataConfig
 from difftrain.data.folder import Example
 from difftrain.data.sampler import ResumableSampler, SampleKey
-from difftrain.data.transforms import load_rgb, preprocess_with_crop
+from difftrain.data.transforms import CropBox, apply_crop, crop_box, load_rgb, oriented_size
 
 
 class CaptionedImageDataset(torch.utils.data.Dataset):
@@ -28,10 +30,14 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         examples: list[Example],
         tokenize: Callable[[str], dict[str, torch.Tensor]],
         cfg: DataConfig,
+        latent_keys: LatentKeys | None = None,
     ):
         self.examples = examples
         self.tokenize = tokenize
         self.cfg = cfg
+        self.latent_keys = latent_keys
+        """With a latent cache: items carry the cache key of their latents instead of pixels
+        (the image is never decoded); `pixels` makes them on a cache miss."""
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -39,25 +45,62 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: SampleKey) -> dict[str, torch.Tensor]:
         example = self.examples[key.index]
         rng = random.Random(key.augment_seed)
-        image = load_rgb(example.image_path)
-        pixels, crop_top_left = preprocess_with_crop(
-            image,
-            self.cfg.resolution,
-            center_crop=self.cfg.center_crop,
-            random_flip=self.cfg.random_flip,
-            rng=rng,
-        )
+        if self.latent_keys is None:
+            image = load_rgb(example.image_path)
+            size = image.size
+            box = self._crop_box(size, rng)
+            item = {"pixel_values": apply_crop(image, box, self.cfg.resolution)}
+        else:
+            size = oriented_size(example.image_path)
+            box = self._crop_box(size, rng)
+            item = {
+                "latent_key": self.latent_keys.key(example.image_path, self.cfg.resolution, box),
+                "sample_index": torch.tensor(key.index, dtype=torch.int64),
+                "augment_seed": torch.tensor(key.augment_seed, dtype=torch.int64),
+            }
+        crop_top_left = (box.top, box.left)
         caption = example.caption
         # Drawn only when on, so runs without caption dropout keep their exact stream.
         if self.cfg.caption_dropout and rng.random() < self.cfg.caption_dropout:
             caption = ""
         return {
-            "pixel_values": pixels,
+            **item,
             **self.tokenize(caption),
-            "original_size": torch.tensor((image.height, image.width), dtype=torch.int64),
+            "original_size": torch.tensor((size[1], size[0]), dtype=torch.int64),
             "crop_top_left": torch.tensor(crop_top_left, dtype=torch.int64),
             "position": torch.tensor(key.position, dtype=torch.int64),
         }
+
+    def _crop_box(self, size: tuple[int, int], rng: random.Random) -> CropBox:
+        cfg = self.cfg
+        return crop_box(
+            size, cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+            rng=rng,
+        )  # fmt: skip
+
+    def pixels(self, index: int, augment_seed: int) -> torch.Tensor:
+        """The pixels of sample (index, augment_seed), exactly as an uncached item has them
+        (the same draws from the same seed): what a latent cache miss encodes."""
+        image = load_rgb(self.examples[index].image_path)
+        box = self._crop_box(image.size, random.Random(augment_seed))
+        return apply_crop(image, box, self.cfg.resolution)
+
+
+@dataclass(frozen=True)
+class LatentKeys:
+    """Cache keys of latents: everything a latent depends on (see `data.cache_latents`)."""
+
+    vae_hash: str
+    vae_dtype: str
+
+    def key(self, image_path: Path, resolution: int, box: CropBox) -> str:
+        from difftrain.data.cache import entry_key, file_hash
+
+        return entry_key(
+            "latent", image=file_hash(image_path), resolution=resolution,
+            resized=list(box.resized), top=box.top, left=box.left, flipped=box.flipped,
+            vae=self.vae_hash, dtype=self.vae_dtype,
+        )  # fmt: skip
 
 
 def build_dataloader(

@@ -7,6 +7,7 @@ sample key gives the same pixels in any worker process and after a resume.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,21 @@ def load_rgb(path: Path) -> Image.Image:
         raise UserError(
             f"data.train_dir: cannot read image {path} ({exc}); replace or remove the file"
         ) from None
+
+
+def oriented_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the image as `load_rgb` would return it (EXIF rotation applied),
+    from its header alone: a cached sample needs its size and crop, not its pixels."""
+    try:
+        with refuse_huge_images(path), Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(
+            f"data.train_dir: cannot read image {path} ({exc}); replace or remove the file"
+        ) from None
+    # Orientations 5-8 turn the image by 90 degrees: its sides swap.
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def to_rgb(image: Image.Image, path: Path) -> Image.Image:
@@ -128,6 +144,50 @@ def preprocess(
     )[0]
 
 
+@dataclass(frozen=True)
+class CropBox:
+    """Where a sample's square comes from: the resized image's size, the crop's top-left
+    corner in it (as the pixels show it: mirrored when flipped), and whether it is flipped."""
+
+    resized: tuple[int, int]
+    """(width, height) after the shorter side is scaled to the resolution."""
+    top: int
+    left: int
+    flipped: bool
+
+
+def crop_box(
+    size: tuple[int, int], resolution: int, *, center_crop: bool, random_flip: bool,
+    rng: random.Random,
+) -> CropBox:  # fmt: skip
+    """The crop and flip of an image of `size` (width, height), drawing from `rng` in a fixed
+    order (crop, then flip): a cached run, which never decodes the image, draws the same."""
+    width, height = size
+    scale = resolution / min(width, height)
+    resized = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if center_crop:
+        left = (resized[0] - resolution) // 2
+        top = (resized[1] - resolution) // 2
+    else:
+        left = rng.randint(0, resized[0] - resolution)
+        top = rng.randint(0, resized[1] - resolution)
+    flipped = random_flip and rng.random() < 0.5
+    if flipped:
+        left = resized[0] - left - resolution
+    return CropBox(resized, top, left, flipped)
+
+
+def apply_crop(image: Image.Image, box: CropBox, resolution: int) -> torch.Tensor:
+    """`image` resized, cropped and flipped as `box` says; CHW float in [-1, 1]."""
+    image = image.resize(box.resized, Image.Resampling.BILINEAR)
+    left = box.resized[0] - box.left - resolution if box.flipped else box.left
+    image = image.crop((left, box.top, left + resolution, box.top + resolution))
+    if box.flipped:
+        image = ImageOps.mirror(image)
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
 def preprocess_with_crop(
     image: Image.Image,
     resolution: int,
@@ -141,20 +201,7 @@ def preprocess_with_crop(
     A flipped crop is reported mirrored (its left edge counted from the right), so the crop
     box SDXL conditions on describes the image it sees.
     """
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    image = image.resize(size, Image.Resampling.BILINEAR)
-    if center_crop:
-        left = (size[0] - resolution) // 2
-        top = (size[1] - resolution) // 2
-    else:
-        left = rng.randint(0, size[0] - resolution)
-        top = rng.randint(0, size[1] - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if random_flip and rng.random() < 0.5:
-        image = ImageOps.mirror(image)
-        left = size[0] - left - resolution
-    array = np.asarray(image, dtype=np.uint8)
-    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
-    return pixels, (top, left)
+    box = crop_box(
+        image.size, resolution, center_crop=center_crop, random_flip=random_flip, rng=rng
+    )
+    return apply_crop(image, box, resolution), (box.top, box.left)

@@ -49,11 +49,22 @@ def draw_for_samples(positions: list[int], latent_shape: tuple[int, ...], object
     return SampleDraws(*columns)
 
 
-def encode_batch(batch: dict, components, settings: LossSettings) -> tuple[LatentPosterior, dict]:
-    """The batch's latent posterior and text conditioning (no gradient unless text trains)."""
+def encode_batch(
+    batch: dict, components, settings: LossSettings, cached=None
+) -> tuple[LatentPosterior, dict]:
+    """The batch's latent posterior and text conditioning (no gradient unless text trains).
+
+    `cached` (an `InputCache`) reads either from the cache, computing what is missing.
+    """
     device = components.device
-    pixels = batch["pixel_values"].to(device, non_blocking=True)
-    posterior = encode_posterior(components.vae, pixels)
+    if cached is not None and cached.latents:
+        posterior = cached.posterior(batch)
+    else:
+        posterior = encode_posterior(
+            components.vae, batch["pixel_values"].to(device, non_blocking=True)
+        )
+    if cached is not None and cached.text:
+        return posterior, cached.conditioning(batch)
     with torch.set_grad_enabled(settings.train_text_encoder):
         conditioning = components.family.encode_prompts(components.parts, batch, device)
     return posterior, conditioning
@@ -73,12 +84,13 @@ def denoising_loss(
     return weighted_mse(prediction, noised.target, noised.weights if weighted else None)
 
 
-def diffusion_loss(batch: dict, components, denoiser, objective) -> torch.Tensor:
-    """The training loss of one batch (latents and conditioning made on the fly)."""
+def diffusion_loss(batch: dict, components, denoiser, objective, cached=None) -> torch.Tensor:
+    """The training loss of one batch (latents and conditioning from the cache, or made on
+    the fly)."""
     settings = objective.settings
     positions = [int(p) for p in batch["position"]]
     with keyed_by(settings.seed, positions):  # LoRA dropout masks, per sample
-        posterior, conditioning = encode_batch(batch, components, settings)
+        posterior, conditioning = encode_batch(batch, components, settings, cached)
         draws = draw_for_samples(positions, tuple(posterior.mean.shape[1:]), objective)
         latents = posterior.sample(draws.latent_eps)
         return denoising_loss(

@@ -26,6 +26,7 @@ from difftrain.data.folder import Example
 from difftrain.errors import TrainingStopped
 from difftrain.models.loading import PipelineComponents, load_components
 from difftrain.models.sample_dropout import keyed_by
+from difftrain.training.cached_inputs import build_input_cache
 from difftrain.training.determinism import configure_determinism, seed_everything
 from difftrain.training.distributed import (
     peers_lost_is_one_line,
@@ -193,8 +194,13 @@ class TrainingRun(RunCheckpoints, RunOutputs):
             shard_denoiser(denoiser, family.shard_units(denoiser))
         self.ema = build_ema(cfg.ema, denoiser, self.device)
 
+        self.cached = build_input_cache(cfg, components)
         tokenize = partial(family.tokenize, components.tokenizers())
-        self.dataset = CaptionedImageDataset(examples, tokenize, cfg.data)
+        self.dataset = CaptionedImageDataset(
+            examples, tokenize, cfg.data, self.cached.latent_keys if self.cached else None
+        )
+        if self.cached is not None:
+            self.cached.dataset = self.dataset
         self.progress = TrainingProgress()
         trained = [denoiser, *trained_text.values()]
         params = [p for model in trained for p in model.parameters() if p.requires_grad]
@@ -281,6 +287,8 @@ class TrainingRun(RunCheckpoints, RunOutputs):
                 self._stop_for_signal(
                     stop_signals[0] if stop_signals else signal.SIGTERM, checkpointed
                 )
+        if self.cached is not None:
+            logger.info(self.cached.summary())
         return losses
 
     def _optimizer_step(self, batches: Iterator) -> StepResult:
@@ -297,7 +305,9 @@ class TrainingRun(RunCheckpoints, RunOutputs):
             batch = next(batches)
             progress.samples_seen += cfg.batch_size * accelerator.num_processes
             with accelerator.accumulate(*self.trained_models):
-                loss = diffusion_loss(batch, self.components, self.denoiser, self.objective)
+                loss = diffusion_loss(
+                    batch, self.components, self.denoiser, self.objective, self.cached
+                )
                 step_loss += loss.detach() / cfg.gradient_accumulation_steps
                 # Gradient checkpointing re-runs the forward inside backward: the per-sample
                 # LoRA dropout keys must still be there for it to draw the same masks.
