@@ -165,7 +165,9 @@ def test_a_corrupt_entry_is_recomputed_with_a_warning(
     with caplog.at_level(logging.WARNING, logger="difftrain"):
         second = run(tmp_path, "second", data, **CACHED, cache_dir=cache)
     assert any(str(entries[0].name) in record.getMessage() for record in caplog.records)
-    assert second.losses == first.losses
+    # Recomputed alone rather than in its batch of 2: equal up to float rounding.
+    assert second.losses == pytest.approx(first.losses, rel=1e-5)
+    assert (tmp_path / "cache" / "latent").exists() and entries[0].is_file()  # written again
 
 
 def test_resume_with_the_cache_is_bit_exact(tmp_path: Path, data: Path, builtin_cache) -> None:

@@ -193,7 +193,10 @@ def test_ema_gradient_checkpointing_bf16_and_a_validation_grid(
         ("flux", "train.prediction_type=v_prediction", "train.prediction_type: does not apply"),
         ("flux", "model.drop_t5=true", "model.drop_t5: applies to sd3 only"),
         ("sdxl", "model.max_sequence_length=64", "model.max_sequence_length: sets the T5"),
-        ("sd", "model.family=flux", "has no tokenizer_2/ folder; a Flux pipeline needs"),
+        ("flux", "train.logit_mean=1.0", "train.logit_mean: is a parameter of train.timestep"),
+        ("sd3", "train.mode_scale=1.0", "train.mode_scale: is a parameter of"),
+        ("sd3", "model.max_sequence_length=600", "600 is more than the 512 T5 tokens"),
+        ("sd", "model.family=flux", "is a StableDiffusionPipeline (model family sd), not a flux"),
     ],
 )
 def test_options_of_another_family_are_refused(
@@ -210,4 +213,64 @@ def test_options_of_another_family_are_refused(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert message in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_family_names_agree_everywhere_they_are_listed() -> None:
+    import typing
+
+    from difftrain.cli import build_parser
+    from difftrain.config.schema import ModelConfig
+    from difftrain.training.run_dir import FINAL_OUTPUTS
+
+    hint = typing.get_type_hints(ModelConfig)["family"]
+    assert set(typing.get_args(typing.get_args(hint)[0])) == set(PIPELINE_CLASSES)
+    # Every component folder a family saves is a name the run owns (and may replace).
+    for family in FAMILIES:
+        layout = family_class(family)()
+        assert set(layout.required_parts()) <= set(FINAL_OUTPUTS), family
+    sizes = next(
+        action.choices
+        for action in build_parser()
+        ._subparsers._group_actions[0]
+        .choices["make-tiny-model"]
+        ._actions
+        if action.dest == "size"
+    )
+    assert set(sizes) == set(BUILTINS)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"text_encoder": ["transformers", "pipeline"]}, "not a transformers PreTrainedModel"),
+        ({"unet": ["diffusers", "utils"]}, "not a diffusers ModelMixin"),
+        ({"text_encoder": ["transformers", "CLIPTokenizer"]}, "not a transformers PreTrained"),
+        ({"tokenizer": ["transformers", "AutoModel"]}, "PreTrainedTokenizerBase"),
+        ({"_class_name": "StableDiffusionXLPipeline"}, None),
+    ],
+    ids=["callable", "module", "tokenizer-as-encoder", "model-as-tokenizer", "family-clash"],
+)
+def test_model_index_classes_must_be_of_the_right_kind(
+    edit: dict, message: str | None, tmp_path: Path, tiny_model_dir: Path, dummy_data_dir: Path,
+    capsys,
+) -> None:  # fmt: skip
+    import json
+    import shutil
+
+    from difftrain.cli import main
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, **edit}))
+    config = tmp_path / "c.yaml"
+    family = "\n  family: sd" if message is None else ""
+    config.write_text(
+        f"model:\n  pretrained: '{model}'{family}\ndata: {{train_dir: '{dummy_data_dir}'}}\n"
+    )
+    code = main(["train", "--config", str(config), "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    expected = message or "is a StableDiffusionXLPipeline (model family sdxl), not a sd pipeline"
+    assert expected in err[0]
     assert not (tmp_path / "o").exists()

@@ -89,8 +89,8 @@ class ModelConfig:
     fp16-fix VAE; null keeps the pipeline's own."""
 
     vae_dtype: Literal["fp32", "fp16", "bf16"] | None = None
-    """Precision the (frozen) VAE runs in; null follows train.mixed_precision. SDXL's own VAE
-    overflows in fp16: use fp32 (or the fp16-fix VAE)."""
+    """Precision the (frozen) VAE runs in; null follows train.mixed_precision, except for a
+    VAE whose config says `force_upcast` (SDXL's own, which overflows in fp16): fp32."""
 
     drop_t5: bool = False
     """SD3: leave the T5 text encoder out (much less memory); its share of the conditioning
@@ -203,7 +203,8 @@ class TrainConfig:
 
     timestep_sampling: Literal["uniform", "logit_normal", "mode"] | None = None
     """Flow-matching families (sd3, flux): how training sigmas are drawn (diffusers'
-    `compute_density_for_timestep_sampling`); null is logit_normal, as in SD3's paper."""
+    `compute_density_for_timestep_sampling`); null is each family's default in diffusers'
+    scripts: logit_normal for sd3 (as SD3's paper), uniform for flux."""
 
     logit_mean: float | None = None
     """Mean of the logit-normal timestep density (null: 0.0)."""

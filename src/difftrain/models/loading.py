@@ -52,6 +52,8 @@ class PipelineComponents:
     revision: str | None
     vae_source: str | None = None
     """Resolved `model.vae`, when the run swaps the pipeline's VAE for another."""
+    vae_subfolder: str | None = None
+    """Where in `vae_source` the VAE is (`vae` when it is a whole pipeline)."""
     device: Any = "cpu"
     """Where the run computes (set once the models are placed)."""
 
@@ -134,26 +136,52 @@ def model_family(
 
 def _checked_source(cfg: ModelConfig, label: str, sampling: bool = False) -> tuple[str, str]:
     source = resolve_pretrained(cfg.pretrained, label)
-    dropped = ("text_encoder_3", "tokenizer_3") if cfg.drop_t5 else ()
+    revision = _revision(cfg, source)
     family = check_pipeline(
-        source, _revision(cfg, source), name=cfg.pretrained, label=label,
-        family=cfg.family, dropped=dropped, allow_absent=sampling,
+        source, revision, name=cfg.pretrained, label=label,
+        family=cfg.family, drop_t5=cfg.drop_t5, allow_absent=sampling,
     )  # fmt: skip
     if cfg.vae is not None:
-        check_vae_source(cfg.vae)
+        _, _, vae_config = check_vae_source(cfg.vae)
+        _check_vae_fits(vae_config, source, revision, cfg, family)
     return source, family
 
 
-def check_vae_source(name: str) -> str:
-    """`model.vae`: an AutoencoderKL folder or hub id, checked like a pipeline component."""
+def check_vae_source(name: str) -> tuple[str, str | None, dict]:
+    """`model.vae`: an AutoencoderKL folder or hub id, checked like a pipeline component.
+
+    Returns (source, subfolder to load from, its config).
+    """
     from difftrain.models.pipeline_checks import check_single_model
 
     path = Path(name).expanduser()
     source = str(path.resolve()) if path.is_dir() else name
     if not path.is_dir() and _looks_like_path(name):
         raise UserError(f"model.vae: folder {name} does not exist; fix the path or use a hub id")
-    check_single_model(source, "AutoencoderKL", name=name, label="model.vae")
-    return source
+    subfolder, config = check_single_model(source, "AutoencoderKL", name=name, label="model.vae")
+    return source, subfolder, config
+
+
+def _check_vae_fits(vae_config: dict, source: str, revision, cfg: ModelConfig, family: str):
+    """The replacement VAE makes latents of the channels the denoiser reads."""
+    from difftrain.models.families import family_class
+    from difftrain.models.pipeline_checks import hub_snapshot, read_json
+
+    layout = family_class(family)
+    folder = Path(source) if os.path.isabs(source) else hub_snapshot(
+        source, revision, name=cfg.pretrained, label="model.pretrained"
+    )  # fmt: skip
+    denoiser = read_json(folder, f"{layout.denoiser}/config.json", "model.pretrained") or {}
+    wanted = denoiser.get("in_channels")
+    channels = vae_config.get("latent_channels")
+    if isinstance(wanted, int) and channels is not None:
+        wanted //= layout.packed_channels
+        if channels != wanted:
+            raise UserError(
+                f"model.vae: {cfg.vae} makes {channels}-channel latents, but the "
+                f"{layout.denoiser} of {cfg.pretrained} reads {wanted}; use a VAE made for "
+                "this model family"
+            )
 
 
 def _revision(cfg: ModelConfig, source: str) -> str | None:
@@ -209,11 +237,10 @@ def load_components(cfg: ModelConfig, family: ModelFamily | None = None) -> Pipe
         only_safetensors = safetensors_only(source, revision, name)
         parts[name] = load(cls.from_pretrained, name, use_safetensors=only_safetensors)
         refuse_missing_weights(parts[name], where, name)
-    vae_source = None
+    vae_source = vae_subfolder = None
     if cfg.vae is not None:
-        vae_source = check_vae_source(cfg.vae)
-        subfolder = "vae" if (Path(vae_source) / "vae").is_dir() else None
-        parts["vae"] = load(diffusers.AutoencoderKL.from_pretrained, subfolder, vae_source)
+        vae_source, vae_subfolder, _ = check_vae_source(cfg.vae)
+        parts["vae"] = load(diffusers.AutoencoderKL.from_pretrained, vae_subfolder, vae_source)
         refuse_missing_weights(parts["vae"], f"model.vae: {cfg.vae}", "vae")
 
     scheduler_config = load(diffusers.DDPMScheduler.load_config, "scheduler")
@@ -227,6 +254,7 @@ def load_components(cfg: ModelConfig, family: ModelFamily | None = None) -> Pipe
         source=source,
         revision=revision,
         vae_source=vae_source,
+        vae_subfolder=vae_subfolder,
     )
 
 

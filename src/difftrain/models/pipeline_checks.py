@@ -34,18 +34,20 @@ def check_pipeline(
     name: str,
     label: str,
     family: str | None = None,
-    dropped: tuple[str, ...] = (),
+    drop_t5: bool = False,
     allow_absent: bool = False,
 ) -> str:
     """Refuse a pipeline difftrain cannot or must not load; returns its family's name.
 
     `source` is what `resolve_pretrained` returned (an absolute folder or a hub id), `name`
     what the user wrote and `label` the option that named it (`model.pretrained`, `--model`).
-    `family` (model.family) overrides the family `model_index.json` implies; `dropped` names
-    components the run leaves out (they need not exist). `allow_absent` (sampling) accepts
+    `family` (model.family) names the family of a pipeline whose class difftrain does not
+    know (it may not contradict one it knows); `drop_t5` leaves SD3's T5 out (it need not
+    exist). `allow_absent` (sampling) accepts
     components the index sets to null, as diffusers does (SD3 saved without T5).
     """
     from difftrain.models.families import family_class
+    from difftrain.models.families.base import FamilyOptions
 
     local = os.path.isabs(source)
     folder = Path(source) if local else hub_snapshot(source, revision, name=name, label=label)
@@ -54,7 +56,8 @@ def check_pipeline(
     if index is None:
         raise UserError(f"{where} has no model_index.json; it is not a diffusers pipeline")
     family = _pipeline_family(index, where, family)
-    layout = family_class(family)()
+    layout = family_class(family)(FamilyOptions(drop_t5=drop_t5))
+    dropped = layout.dropped_parts()
     absent = tuple(part for part in layout.required_parts() if index.get(part) == [None, None])
     if absent and not allow_absent:
         missing = [part for part in absent if part not in dropped]
@@ -69,6 +72,7 @@ def check_pipeline(
     required = tuple(part for part in layout.required_parts() if part not in dropped)
     weights = tuple(part for part in layout.weight_parts() if part not in dropped)
     components = _check_component_entries(index, where)
+    _check_component_kinds(index, layout, dropped, where)
     if local:
         _check_component_folders(folder, where, required, layout.title)
     _check_component_files(folder, components, where, required, weights if local else ())
@@ -78,14 +82,20 @@ def check_pipeline(
     return family
 
 
-def check_single_model(source: str, class_name: str, *, name: str, label: str) -> None:
+def check_single_model(
+    source: str, class_name: str, *, name: str, label: str
+) -> tuple[str | None, dict[str, Any]]:
     """Refuse a single-model folder or hub id (`model.vae`) that is not a `class_name` in
-    diffusers format, ships code, or has damaged weights. A pipeline folder's `vae/` counts."""
+    diffusers format, ships code, or has damaged weights. A pipeline folder's `vae/` counts.
+
+    Returns the subfolder to load from (`vae` or None) and the model's config.
+    """
     local = os.path.isabs(source)
     folder = Path(source) if local else hub_snapshot(source, None, name=name, label=label)
     where = f"{label}: {name}"
+    subfolder = None
     if (folder / "vae" / "config.json").is_file():
-        folder = folder / "vae"
+        folder, subfolder = folder / "vae", "vae"
     config = read_json(folder, "config.json", where)
     if config is None:
         raise UserError(f"{where} has no config.json; point it at a {class_name} folder")
@@ -99,6 +109,7 @@ def check_single_model(source: str, class_name: str, *, name: str, label: str) -
         found = code[0].name if code else "an auto_map"
         raise UserError(f"{where}: it ships Python code ({found}), {NEVER_RUN}")
     _check_weights(folder, folder.name, where, require=local)
+    return subfolder, config
 
 
 def hub_snapshot(repo_id: str, revision: str | None, *, name: str, label: str) -> Path:
@@ -181,9 +192,14 @@ def _pipeline_family(index: dict[str, Any], where: str, family: str | None) -> s
             f"diffusers {diffusers.__version__}; a pipeline diffusers does not ship is custom "
             f"code, {NEVER_RUN}"
         )
-    if family is not None:
-        return family
     found = family_for_class(name)
+    if family is not None:
+        if found is not None and found != family:
+            raise UserError(
+                f"{where} is a {name} (model family {found}), not a {family} pipeline; remove "
+                f"model.family or set it to {found}"
+            )
+        return family
     if found is None:
         supported = ", ".join(f"{cls} ({f})" for f, cls in PIPELINE_CLASSES.items())
         raise UserError(
@@ -191,6 +207,31 @@ def _pipeline_family(index: dict[str, Any], where: str, family: str | None) -> s
             f"set model.family (one of {', '.join(FAMILY_NAMES)}) if its layout is one of these"
         )
     return found
+
+
+def _check_component_kinds(index: dict[str, Any], layout, dropped, where: str) -> None:
+    """Each component the family loads is named, and is a class of the right kind: a
+    tokenizer, a transformers model, or a diffusers model (never another callable of those
+    libraries, which the loaders would call with the folder)."""
+    import diffusers
+    import transformers
+
+    kinds = {name: transformers.PreTrainedTokenizerBase for name in layout.tokenizers}
+    kinds.update({name: transformers.PreTrainedModel for name in layout.text_encoders})
+    kinds.update({"vae": diffusers.ModelMixin, layout.denoiser: diffusers.ModelMixin})
+    for name, kind in kinds.items():
+        if name in dropped or index.get(name) == [None, None]:
+            continue
+        entry = index.get(name)
+        found = None
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] in TRUSTED_LIBRARIES:
+            found = getattr(importlib.import_module(entry[0]), str(entry[1]), None)
+        if not (isinstance(found, type) and issubclass(found, kind)):
+            raise UserError(
+                f"{where}: model_index.json entry {name!r} is {entry!r}, not a "
+                f"{kind.__module__.split('.')[0]} {kind.__name__} class a {layout.title} "
+                "pipeline needs; re-save the pipeline with save_pretrained"
+            )
 
 
 def _check_component_entries(index: dict[str, Any], where: str) -> list[str]:

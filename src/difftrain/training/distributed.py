@@ -20,6 +20,32 @@ from difftrain.errors import TrainingStopped, UserError
 T = TypeVar("T")
 
 
+def make_accelerator(cfg):
+    """The run's Accelerator (precision, accumulation, how DDP wraps the models)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # A text encoder read at its penultimate layer (SDXL, SD3) has adapters on its last layer
+    # that get no gradient; DDP must be told to expect unused parameters.
+    text_trains = cfg.lora.enabled and cfg.lora.train_text_encoder
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=text_trains)],
+    )
+
+
+def release_accelerator(accelerator) -> None:
+    accelerator.end_training()
+    if accelerator.num_processes == 1:
+        # accelerate keeps its state process-wide and refuses a second Accelerator with other
+        # settings; a later train() in this process (a notebook, the tests) may need them.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
 def run_on_main(accelerator, work: Callable[[], T]) -> T:
     """`work()` on the main process; its result (or its UserError) on every process."""
     if accelerator.num_processes == 1:

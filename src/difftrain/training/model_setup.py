@@ -25,6 +25,10 @@ def prepare_models(components, cfg: Config, device, weight_dtype: torch.dtype) -
     lora, denoiser = cfg.lora, components.denoiser
     text_encoders = components.text_encoders
     vae_dtype = DTYPES.get(cfg.model.vae_dtype or "", weight_dtype)
+    if cfg.model.vae_dtype is None and getattr(components.vae.config, "force_upcast", False):
+        # A VAE that asks for it (SDXL's own, which overflows in fp16) stays fp32, as in
+        # diffusers' pipelines and training scripts; model.vae_dtype overrides.
+        vae_dtype = torch.float32
     frozen = [*text_encoders.values()] + ([denoiser] if lora.enabled else [])
     for model in [components.vae, *frozen]:
         model.requires_grad_(False)
@@ -88,7 +92,8 @@ def run_objective(train_cfg: TrainConfig, components, device, weight_dtype, trai
         input_perturbation=train_cfg.input_perturbation,
         weight_dtype=weight_dtype,
         train_text_encoder=train_text,
-        timestep_sampling=train_cfg.timestep_sampling or "logit_normal",
+        timestep_sampling=train_cfg.timestep_sampling
+        or components.family.default_timestep_sampling,
         logit_mean=_or(train_cfg.logit_mean, defaults["logit_mean"]),
         logit_std=_or(train_cfg.logit_std, defaults["logit_std"]),
         mode_scale=_or(train_cfg.mode_scale, defaults["mode_scale"]),

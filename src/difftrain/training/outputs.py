@@ -36,8 +36,9 @@ def save_final_pipeline(
     if components.vae_source is not None:
         from diffusers import AutoencoderKL
 
-        subfolder = "vae" if (Path(components.vae_source) / "vae").is_dir() else None
-        replaced["vae"] = AutoencoderKL.from_pretrained(components.vae_source, subfolder=subfolder)
+        replaced["vae"] = AutoencoderKL.from_pretrained(
+            components.vae_source, subfolder=components.vae_subfolder
+        )
     # The run's own scheduler: it carries a train.prediction_type override, if any.
     pipeline = family.pipeline_type().from_pretrained(
         components.source,

@@ -104,3 +104,9 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer, state: dict) ->
 def _inner(optimizer):
     """accelerate wraps optimizers; the state-dict helpers need torch's own."""
     return getattr(optimizer, "optimizer", optimizer)
+
+
+def norm_value(norm: torch.Tensor) -> float:
+    """A gradient norm as a float; a sharded run's is a (replicated) DTensor, whose full value
+    is the norm."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

@@ -29,8 +29,10 @@ from difftrain.models.sample_dropout import keyed_by
 from difftrain.training.cached_inputs import build_input_cache
 from difftrain.training.determinism import configure_determinism, seed_everything
 from difftrain.training.distributed import (
+    make_accelerator,
     peers_lost_is_one_line,
     process_facts,
+    release_accelerator,
     run_on_main,
     sum_over_processes,
 )
@@ -47,7 +49,7 @@ from difftrain.training.run_logging import (
     report_skipped_images,
 )
 from difftrain.training.run_outputs import RunOutputs
-from difftrain.training.sharding import shard_denoiser
+from difftrain.training.sharding import norm_value, shard_denoiser
 from difftrain.training.signals import stop_signals
 from difftrain.training.state import (
     TrainingProgress,
@@ -79,15 +81,10 @@ def train(
     cfg: Config, *, overwrite: bool = False, allow_config_change: tuple[str, ...] = ()
 ) -> TrainResult:
     """Fine-tune the denoiser of `cfg.model.pretrained` on `cfg.data` and write the outputs."""
-    from accelerate import Accelerator
-
     output_dir = Path(cfg.train.output_dir)
     check_precision(cfg.train.mixed_precision)
     configure_determinism(cfg.train.deterministic)
-    accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-    )
+    accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     lock = tracker = None
     log_handlers: list[logging.Handler] = []
@@ -155,7 +152,7 @@ def train(
     finally:
         if tracker is not None:
             tracker.close()
-        _release(accelerator)
+        release_accelerator(accelerator)
         detach_log_handlers(log_handlers)
         if lock is not None:
             lock.release()
@@ -321,7 +318,7 @@ class TrainingRun(RunCheckpoints, RunOutputs):
                         self._on_nonfinite(step_loss.item())
                     elif cfg.max_grad_norm > 0:
                         norm = accelerator.clip_grad_norm_(self.trained_params, cfg.max_grad_norm)
-                        grad_norm = _norm_value(norm)
+                        grad_norm = norm_value(norm)
                 if not skipped:
                     self.optimizer.step()
                     # fp16: the grad scaler skips an update whose gradients overflowed.
@@ -391,19 +388,3 @@ class TrainingRun(RunCheckpoints, RunOutputs):
         line = f"step {step}/{self.cfg.train.max_steps} loss {loss:.6f} lr {lr:.3e}"
         line += f" val_loss {val_loss:.6f}" if val_loss is not None else ""
         logger.info(line, extra={"per_step": True})
-
-
-def _norm_value(norm: torch.Tensor) -> float:
-    # A sharded run's norm is a (replicated) DTensor: its full value is the norm.
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
-def _release(accelerator) -> None:
-    accelerator.end_training()
-    if accelerator.num_processes == 1:
-        # accelerate keeps its state process-wide and refuses a second Accelerator with other
-        # settings; a later train() in this process (a notebook, the tests) may need them.
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state()
-        GradientState._reset_state()

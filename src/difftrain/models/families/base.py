@@ -62,6 +62,15 @@ class ModelFamily:
 
     uses_t5: ClassVar[bool] = False
     default_max_sequence_length: ClassVar[int] = 77
+    max_t5_tokens: ClassVar[int] = 512
+    """The longest T5 prompt the family's pipeline takes (diffusers refuses more)."""
+    can_drop_t5: ClassVar[bool] = False
+    takes_guidance: ClassVar[bool] = False
+    """The denoiser may have a distilled-guidance input (`train.guidance_scale`)."""
+    default_timestep_sampling: ClassVar[str] = "uniform"
+    """Flow families: `train.timestep_sampling` when unset (as diffusers' own script)."""
+    packed_channels: ClassVar[int] = 1
+    """Latent channels per denoiser input channel (Flux packs 2x2 patches: 4)."""
 
     def __init__(self, options: FamilyOptions | None = None):
         self.options = options or FamilyOptions()
@@ -177,6 +186,14 @@ class ModelFamily:
                     f"train.input_perturbation: applies to DDPM families only, not {where}; "
                     "remove it"
                 )
+            sampling = train.timestep_sampling or self.default_timestep_sampling
+            for key, used_by in (("logit_mean", "logit_normal"), ("logit_std", "logit_normal"),
+                                 ("mode_scale", "mode")):  # fmt: skip
+                if getattr(train, key) is not None and sampling != used_by:
+                    raise UserError(
+                        f"train.{key}: is a parameter of train.timestep_sampling: {used_by}, "
+                        f"and this run samples {sampling}; remove it or set the sampling"
+                    )
         else:
             for key in (
                 "timestep_sampling", "loss_weighting", "logit_mean", "logit_std", "mode_scale"
@@ -186,17 +203,24 @@ class ModelFamily:
                         f"train.{key}: applies to flow-matching families (sd3, flux) only, not "
                         f"{where}; remove it"
                     )
-        if train.guidance_scale is not None and self.name != "flux":
+        if train.guidance_scale is not None and not self.takes_guidance:
             raise UserError(
                 f"train.guidance_scale: is Flux's distilled-guidance input and does not apply "
                 f"to {where}; remove it"
             )
-        if model.drop_t5 and self.name != "sd3":
+        if model.drop_t5 and not self.can_drop_t5:
             raise UserError(f"model.drop_t5: applies to sd3 only, not {where}; remove it")
-        if model.max_sequence_length is not None and not self.uses_t5:
+        length = model.max_sequence_length
+        if length is not None and not self.uses_t5:
             raise UserError(
                 f"model.max_sequence_length: sets the T5 prompt length and {where} has no T5 "
                 "encoder; remove it"
+            )
+        if length is not None and length > self.max_t5_tokens:
+            # The family's pipeline refuses longer prompts: the model could not be sampled.
+            raise UserError(
+                f"model.max_sequence_length: {length} is more than the {self.max_t5_tokens} "
+                f"T5 tokens the {self.pipeline_class} takes; use at most {self.max_t5_tokens}"
             )
         if cfg.lora.train_text_encoder and not self.lora_text_encoders:
             raise UserError(

@@ -33,6 +33,10 @@ class Flux(ModelFamily):
     lora_text_encoders = ("text_encoder",)
     flow_matching = True
     uses_t5 = True
+    takes_guidance = True
+    packed_channels = 4
+    # diffusers' Flux scripts sample timesteps uniformly by default (weighting_scheme none).
+    default_timestep_sampling = "uniform"
     default_max_sequence_length = MAX_T5_TOKENS
 
     def encode_prompts(self, parts: dict[str, Any], batch: dict[str, Any], device) -> dict:
@@ -81,13 +85,6 @@ class Flux(ModelFamily):
                 f"data.resolution: {resolution} is not a multiple of 16, which model family "
                 "flux needs (the VAE downsamples by 8 and the transformer packs latents in 2x2 "
                 f"patches); use {nearest}"
-            )
-        length = cfg.model.max_sequence_length
-        if length is not None and length > MAX_T5_TOKENS:
-            # FluxPipeline refuses longer prompts, so the trained model could not be sampled.
-            raise UserError(
-                f"model.max_sequence_length: {length} is more than the {MAX_T5_TOKENS} T5 "
-                f"tokens FluxPipeline takes; use at most {MAX_T5_TOKENS}"
             )
 
     @classmethod

@@ -33,6 +33,9 @@ class StableDiffusion3(ModelFamily):
     lora_text_encoders = ("text_encoder", "text_encoder_2")
     flow_matching = True
     uses_t5 = True
+    can_drop_t5 = True
+    # diffusers' SD3 scripts default to logit-normal timesteps (as SD3's paper).
+    default_timestep_sampling = "logit_normal"
     default_max_sequence_length = 256  # StableDiffusion3Pipeline's default
 
     def dropped_parts(self) -> tuple[str, ...]:
