@@ -76,6 +76,12 @@ def cmd_validate_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from difftrain.cache_command import cmd_cache as run_cache_command
+
+    return run_cache_command(args)
+
+
 def cmd_make_dummy_data(args: argparse.Namespace) -> int:
     from difftrain.data.dummy import make_dummy_imagefolder
 
@@ -190,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
             "check a config; with --output-dir also write the resolved config and env.json",
         )
     )
+
+    sub = add(
+        "cache",
+        cmd_cache,
+        "build, inspect or clear the latent / text-embedding cache (data.cache_latents)",
+        loads_models=True,
+    )
+    sub.add_argument("action", choices=["build", "info", "clear"])
+    sub.add_argument("--config", help="the run's YAML config (build: required)")
+    sub.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    sub.add_argument("--cache-dir", help="the cache folder (default: data.cache_dir or "
+                     "$DIFFTRAIN_CACHE/latents)")  # fmt: skip
 
     sub = add("make-dummy-data", cmd_make_dummy_data, "write a small captioned image folder")
     sub.add_argument("--output-dir", required=True)

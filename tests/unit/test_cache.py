@@ -199,3 +199,44 @@ def test_text_embeddings_of_a_training_text_encoder_are_refused(data: Path) -> N
             "sd", data / "o", data, data={"cache_text_embeddings": True},
             lora={"enabled": True, "train_text_encoder": True},
         )  # fmt: skip
+
+
+def test_cache_build_fills_what_the_run_reads_then_info_and_clear(
+    tmp_path: Path, data: Path, builtin_cache, capsys, caplog
+) -> None:
+    from difftrain.cli import main
+
+    cache = tmp_path / "cache"
+    (cache / "notes.txt").parent.mkdir(parents=True)
+    (cache / "notes.txt").write_text("mine")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "model: {pretrained: 'builtin:tiny-sdxl'}\n"
+        f"data: {{train_dir: '{data}', resolution: 64, center_crop: true, random_flip: true,\n"
+        f"       cache_latents: true, cache_text_embeddings: true, cache_dir: '{cache}'}}\n"
+        "train: {max_steps: 8, batch_size: 2}\ncheckpointing: {every_steps: 0}\n"
+    )
+    assert main(["cache", "build", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "latent cache: 0 read, 16 computed" in out  # 8 images, both orientations
+    assert main(["cache", "info", "--config", str(config)]) == 0
+    assert "latent: 16 entries" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="difftrain"):
+        assert main(["train", "--config", str(config), "--output-dir", str(tmp_path / "o")]) == 0
+    summary = [r.getMessage() for r in caplog.records if "latent cache:" in r.getMessage()]
+    assert summary and "0 computed; text cache: 16 read, 0 computed" in summary[-1]
+    assert main(["cache", "clear", "--cache-dir", str(cache)]) == 0
+    assert "removed" in capsys.readouterr().out
+    assert TensorCache(cache).info() == {} and (cache / "notes.txt").read_text() == "mine"
+
+
+def test_cache_build_refuses_a_config_that_caches_nothing(
+    tmp_path: Path, data: Path, capsys
+) -> None:
+    from difftrain.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{train_dir: '{data}'}}\n")
+    assert main(["cache", "build", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "caches nothing; set data.cache_latents" in err[0]

@@ -143,7 +143,7 @@ def test_prediction_is_the_pipelines_unet_call(tiny_sdxl) -> None:
     family, parts = StableDiffusionXL(), parts_of(tiny_sdxl)
     batch = default_collate([family.tokenize(parts, "a red circle")] * 2)
     batch.update(
-        pixel_values=torch.zeros(2, 3, RESOLUTION, RESOLUTION),
+        target_size=torch.tensor([[RESOLUTION, RESOLUTION]] * 2),
         original_size=torch.tensor([[90, 120], [150, 70]]),
         crop_top_left=torch.tensor([[0, 11], [20, 0]]),
     )

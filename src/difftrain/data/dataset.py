@@ -17,8 +17,9 @@ from difftrain.data.transforms import CropBox, apply_crop, crop_box, load_rgb, o
 
 class CaptionedImageDataset(torch.utils.data.Dataset):
     """Item `SampleKey` -> {"pixel_values": CHW in [-1, 1], "tokens.<tokenizer>": token ids,
-    "original_size" and "crop_top_left": (height, width) of the image as read and (top, left)
-    of the crop in the resized image (SDXL conditions on both), "position": the sample's
+    "original_size", "crop_top_left" and "target_size": (height, width) of the image as read,
+    (top, left) of the crop in the resized image and (height, width) of the crop (SDXL
+    conditions on all three), "position": the sample's
     stream position (keys the loss's random draws)}.
 
     `tokenize` maps a caption to its token ids (the model family's `tokenize`, bound to the
@@ -68,6 +69,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
             **self.tokenize(caption),
             "original_size": torch.tensor((size[1], size[0]), dtype=torch.int64),
             "crop_top_left": torch.tensor(crop_top_left, dtype=torch.int64),
+            "target_size": torch.tensor((self.cfg.resolution,) * 2, dtype=torch.int64),
             "position": torch.tensor(key.position, dtype=torch.int64),
         }
 
@@ -84,6 +86,20 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         image = load_rgb(self.examples[index].image_path)
         box = self._crop_box(image.size, random.Random(augment_seed))
         return apply_crop(image, box, self.cfg.resolution)
+
+    def centre_boxes(self, index: int) -> list[CropBox]:
+        """The crops a cached run can draw for image `index`: the centre, and its mirror
+        when `data.random_flip` is on (what `difftrain cache build` fills)."""
+        size = oriented_size(self.examples[index].image_path)
+        box = crop_box(size, self.cfg.resolution, center_crop=True, random_flip=False,
+                       rng=random.Random(0))  # fmt: skip
+        if not self.cfg.random_flip:
+            return [box]
+        mirrored_left = box.resized[0] - box.left - self.cfg.resolution
+        return [box, CropBox(box.resized, box.top, mirrored_left, True)]
+
+    def pixels_in_box(self, index: int, box: CropBox) -> torch.Tensor:
+        return apply_crop(load_rgb(self.examples[index].image_path), box, self.cfg.resolution)
 
 
 @dataclass(frozen=True)

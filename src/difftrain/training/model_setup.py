@@ -24,11 +24,7 @@ def prepare_models(components, cfg: Config, device, weight_dtype: torch.dtype) -
     """
     lora, denoiser = cfg.lora, components.denoiser
     text_encoders = components.text_encoders
-    vae_dtype = DTYPES.get(cfg.model.vae_dtype or "", weight_dtype)
-    if cfg.model.vae_dtype is None and getattr(components.vae.config, "force_upcast", False):
-        # A VAE that asks for it (SDXL's own, which overflows in fp16) stays fp32, as in
-        # diffusers' pipelines and training scripts; model.vae_dtype overrides.
-        vae_dtype = torch.float32
+    vae_dtype = vae_dtype_for(cfg, components, weight_dtype)
     frozen = [*text_encoders.values()] + ([denoiser] if lora.enabled else [])
     for model in [components.vae, *frozen]:
         model.requires_grad_(False)
@@ -52,6 +48,26 @@ def prepare_models(components, cfg: Config, device, weight_dtype: torch.dtype) -
     for model in [denoiser, *trained_text.values()]:
         model.train()
     return trained_text
+
+
+def vae_dtype_for(cfg: Config, components, weight_dtype: torch.dtype) -> torch.dtype:
+    """`model.vae_dtype`, else the compute precision; a VAE that asks for it (SDXL's own,
+    which overflows in fp16) stays fp32, as in diffusers' pipelines and training scripts."""
+    if cfg.model.vae_dtype is not None:
+        return DTYPES[cfg.model.vae_dtype]
+    if getattr(components.vae.config, "force_upcast", False):
+        return torch.float32
+    return weight_dtype
+
+
+def freeze_for_encoding(components, cfg: Config, device, weight_dtype: torch.dtype) -> None:
+    """The VAE and text encoders frozen, placed and cast exactly as a run places them (what
+    a cache entry's dtype records)."""
+    vae_dtype = vae_dtype_for(cfg, components, weight_dtype)
+    for model in [components.vae, *components.text_encoders.values()]:
+        model.requires_grad_(False)
+        _to(model, device, vae_dtype if model is components.vae else weight_dtype)
+        model.eval()
 
 
 def build_ema(cfg: EmaConfig, denoiser, device):

@@ -121,8 +121,7 @@ def time_ids(batch: dict[str, Any], *, dtype, device) -> torch.Tensor:
     """
     original = batch["original_size"].reshape(-1, 2)
     crop = batch["crop_top_left"].reshape(-1, 2)
-    height, width = batch["pixel_values"].shape[-2:]
-    target = torch.tensor((height, width), dtype=original.dtype).expand(len(original), 2)
+    target = batch["target_size"].reshape(-1, 2)
     return torch.cat([original, crop, target], dim=1).to(device=device, dtype=dtype)
 
 
