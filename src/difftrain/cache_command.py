@@ -110,9 +110,7 @@ def _build_latents(cached, dataset, chunk: list[int], encode_posterior) -> None:
     todo = []
     for index in chunk:
         for box in dataset.centre_boxes(index):
-            key = cached.latent_keys.key(
-                dataset.examples[index].image_path, dataset.cfg.resolution, box
-            )
+            key = cached.latent_keys.key(dataset.examples[index].image_path, box)
             if cached.cache.get("latent", key) is None:
                 todo.append((index, box, key))
     cached.counts["latent"][0] += sum(len(dataset.centre_boxes(i)) for i in chunk) - len(todo)

@@ -34,6 +34,10 @@ def _probability(value: Any) -> str | None:
     return None if 0.0 <= value < 1.0 else f"must be in [0, 1), got {value}"
 
 
+def _at_least_one(value: Any) -> str | None:
+    return None if value >= 1.0 else f"must be >= 1.0, got {value}"
+
+
 def _seed(value: Any) -> str | None:
     return None if 0 <= value < 2**32 else f"must be in [0, 2**32), got {value}"
 
@@ -125,6 +129,14 @@ class DataConfig:
     caption_dropout: float = _checked(0.0, _probability)
     """Probability of training on an empty caption instead (teaches the unconditional
     prediction that classifier-free guidance needs); reproducible from `train.seed`."""
+
+    buckets: bool = False
+    """Aspect-ratio buckets: each image trains at about resolution² pixels in the bucket shape
+    nearest its own (sides multiples of the family's size step), cropped as center_crop says,
+    and every batch comes from one bucket. The run writes OUTPUT_DIR/buckets.json."""
+
+    bucket_max_ratio: float = _checked(2.0, _at_least_one)
+    """Longest bucket side over the shorter one (1.0 is square only)."""
 
     cache_latents: bool = False
     """Cache each sample's VAE posterior (mean and std, so the latent sample stays the run's

@@ -10,9 +10,17 @@ from pathlib import Path
 import torch
 
 from difftrain.config.schema import DataConfig
+from difftrain.data.buckets import Buckets, BucketSampler
 from difftrain.data.folder import Example
 from difftrain.data.sampler import ResumableSampler, SampleKey
-from difftrain.data.transforms import CropBox, apply_crop, crop_box, load_rgb, oriented_size
+from difftrain.data.transforms import (
+    CropBox,
+    apply_crop,
+    crop_box,
+    load_rgb,
+    mirrored,
+    oriented_size,
+)
 
 
 class CaptionedImageDataset(torch.utils.data.Dataset):
@@ -32,10 +40,13 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         tokenize: Callable[[str], dict[str, torch.Tensor]],
         cfg: DataConfig,
         latent_keys: LatentKeys | None = None,
+        buckets: Buckets | None = None,
     ):
         self.examples = examples
         self.tokenize = tokenize
         self.cfg = cfg
+        self.buckets = buckets
+        """With `data.buckets`: each item's aspect-ratio bucket (its crop size)."""
         self.latent_keys = latent_keys
         """With a latent cache: items carry the cache key of their latents instead of pixels
         (the image is never decoded); `pixels` makes them on a cache miss."""
@@ -49,13 +60,13 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         if self.latent_keys is None:
             image = load_rgb(example.image_path)
             size = image.size
-            box = self._crop_box(size, rng)
-            item = {"pixel_values": apply_crop(image, box, self.cfg.resolution)}
+            box = self._crop_box(size, rng, key.index)
+            item = {"pixel_values": apply_crop(image, box)}
         else:
             size = oriented_size(example.image_path)
-            box = self._crop_box(size, rng)
+            box = self._crop_box(size, rng, key.index)
             item = {
-                "latent_key": self.latent_keys.key(example.image_path, self.cfg.resolution, box),
+                "latent_key": self.latent_keys.key(example.image_path, box),
                 "sample_index": torch.tensor(key.index, dtype=torch.int64),
                 "augment_seed": torch.tensor(key.augment_seed, dtype=torch.int64),
             }
@@ -69,37 +80,40 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
             **self.tokenize(caption),
             "original_size": torch.tensor((size[1], size[0]), dtype=torch.int64),
             "crop_top_left": torch.tensor(crop_top_left, dtype=torch.int64),
-            "target_size": torch.tensor((self.cfg.resolution,) * 2, dtype=torch.int64),
+            "target_size": torch.tensor(box.target[::-1], dtype=torch.int64),
             "position": torch.tensor(key.position, dtype=torch.int64),
         }
 
-    def _crop_box(self, size: tuple[int, int], rng: random.Random) -> CropBox:
+    def target(self, index: int) -> tuple[int, int]:
+        """(width, height) item `index` is cropped to: its bucket, or the square resolution."""
+        if self.buckets is not None:
+            return self.buckets.size_of(index)
+        return (self.cfg.resolution, self.cfg.resolution)
+
+    def _crop_box(self, size: tuple[int, int], rng: random.Random, index: int) -> CropBox:
         cfg = self.cfg
         return crop_box(
-            size, cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
-            rng=rng,
+            size, self.target(index), center_crop=cfg.center_crop,
+            random_flip=cfg.random_flip, rng=rng,
         )  # fmt: skip
 
     def pixels(self, index: int, augment_seed: int) -> torch.Tensor:
         """The pixels of sample (index, augment_seed), exactly as an uncached item has them
         (the same draws from the same seed): what a latent cache miss encodes."""
         image = load_rgb(self.examples[index].image_path)
-        box = self._crop_box(image.size, random.Random(augment_seed))
-        return apply_crop(image, box, self.cfg.resolution)
+        box = self._crop_box(image.size, random.Random(augment_seed), index)
+        return apply_crop(image, box)
 
     def centre_boxes(self, index: int) -> list[CropBox]:
         """The crops a cached run can draw for image `index`: the centre, and its mirror
         when `data.random_flip` is on (what `difftrain cache build` fills)."""
         size = oriented_size(self.examples[index].image_path)
-        box = crop_box(size, self.cfg.resolution, center_crop=True, random_flip=False,
+        box = crop_box(size, self.target(index), center_crop=True, random_flip=False,
                        rng=random.Random(0))  # fmt: skip
-        if not self.cfg.random_flip:
-            return [box]
-        mirrored_left = box.resized[0] - box.left - self.cfg.resolution
-        return [box, CropBox(box.resized, box.top, mirrored_left, True)]
+        return [box, mirrored(box)] if self.cfg.random_flip else [box]
 
     def pixels_in_box(self, index: int, box: CropBox) -> torch.Tensor:
-        return apply_crop(load_rgb(self.examples[index].image_path), box, self.cfg.resolution)
+        return apply_crop(load_rgb(self.examples[index].image_path), box)
 
 
 @dataclass(frozen=True)
@@ -109,11 +123,11 @@ class LatentKeys:
     vae_hash: str
     vae_dtype: str
 
-    def key(self, image_path: Path, resolution: int, box: CropBox) -> str:
+    def key(self, image_path: Path, box: CropBox) -> str:
         from difftrain.data.cache import entry_key, file_hash
 
         return entry_key(
-            "latent", image=file_hash(image_path), resolution=resolution,
+            "latent", image=file_hash(image_path), target=list(box.target),
             resized=list(box.resized), top=box.top, left=box.left, flipped=box.flipped,
             vae=self.vae_hash, dtype=self.vae_dtype,
         )  # fmt: skip
@@ -128,10 +142,17 @@ def build_dataloader(
     rank: int = 0,
     world_size: int = 1,
 ) -> torch.utils.data.DataLoader:
-    """An endless loader over `dataset`, starting at stream position `start_position`."""
-    sampler = ResumableSampler(
-        len(dataset), seed, start_position=start_position, rank=rank, world_size=world_size
-    )
+    """An endless loader over `dataset`, starting at stream position `start_position`; with
+    buckets, every batch (on every process) is one bucket."""
+    if dataset.buckets is not None:
+        sampler = BucketSampler(
+            dataset.buckets, batch_size * world_size, seed, start_position=start_position,
+            rank=rank, world_size=world_size,
+        )  # fmt: skip
+    else:
+        sampler = ResumableSampler(
+            len(dataset), seed, start_position=start_position, rank=rank, world_size=world_size
+        )
     workers = dataset.cfg.num_workers
     return torch.utils.data.DataLoader(
         dataset,

@@ -146,42 +146,52 @@ def preprocess(
 
 @dataclass(frozen=True)
 class CropBox:
-    """Where a sample's square comes from: the resized image's size, the crop's top-left
-    corner in it (as the pixels show it: mirrored when flipped), and whether it is flipped."""
+    """Where a sample comes from: the crop's size, the resized image's size, the crop's
+    top-left corner in it (as the pixels show it: mirrored when flipped), and the flip."""
 
+    target: tuple[int, int]
+    """(width, height) of the crop: the square resolution, or an aspect-ratio bucket."""
     resized: tuple[int, int]
-    """(width, height) after the shorter side is scaled to the resolution."""
+    """(width, height) after scaling the image to just cover `target`."""
     top: int
     left: int
     flipped: bool
 
 
 def crop_box(
-    size: tuple[int, int], resolution: int, *, center_crop: bool, random_flip: bool,
+    size: tuple[int, int], target: tuple[int, int], *, center_crop: bool, random_flip: bool,
     rng: random.Random,
 ) -> CropBox:  # fmt: skip
-    """The crop and flip of an image of `size` (width, height), drawing from `rng` in a fixed
-    order (crop, then flip): a cached run, which never decodes the image, draws the same."""
-    width, height = size
-    scale = resolution / min(width, height)
-    resized = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    """The crop and flip of an image of `size` (width, height) to `target` (width, height),
+    drawing from `rng` in a fixed order (crop, then flip): a cached run, which never decodes
+    the image, draws the same."""
+    (width, height), (target_w, target_h) = size, target
+    scale = max(target_w / width, target_h / height)
+    resized = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
     if center_crop:
-        left = (resized[0] - resolution) // 2
-        top = (resized[1] - resolution) // 2
+        left = (resized[0] - target_w) // 2
+        top = (resized[1] - target_h) // 2
     else:
-        left = rng.randint(0, resized[0] - resolution)
-        top = rng.randint(0, resized[1] - resolution)
+        left = rng.randint(0, resized[0] - target_w)
+        top = rng.randint(0, resized[1] - target_h)
     flipped = random_flip and rng.random() < 0.5
     if flipped:
-        left = resized[0] - left - resolution
-    return CropBox(resized, top, left, flipped)
+        left = resized[0] - left - target_w
+    return CropBox(target, resized, top, left, flipped)
 
 
-def apply_crop(image: Image.Image, box: CropBox, resolution: int) -> torch.Tensor:
+def mirrored(box: CropBox) -> CropBox:
+    """The same crop of the flipped image."""
+    left = box.resized[0] - box.left - box.target[0]
+    return CropBox(box.target, box.resized, box.top, left, not box.flipped)
+
+
+def apply_crop(image: Image.Image, box: CropBox) -> torch.Tensor:
     """`image` resized, cropped and flipped as `box` says; CHW float in [-1, 1]."""
     image = image.resize(box.resized, Image.Resampling.BILINEAR)
-    left = box.resized[0] - box.left - resolution if box.flipped else box.left
-    image = image.crop((left, box.top, left + resolution, box.top + resolution))
+    (target_w, target_h) = box.target
+    left = box.resized[0] - box.left - target_w if box.flipped else box.left
+    image = image.crop((left, box.top, left + target_w, box.top + target_h))
     if box.flipped:
         image = ImageOps.mirror(image)
     array = np.asarray(image, dtype=np.uint8)
@@ -202,6 +212,7 @@ def preprocess_with_crop(
     box SDXL conditions on describes the image it sees.
     """
     box = crop_box(
-        image.size, resolution, center_crop=center_crop, random_flip=random_flip, rng=rng
-    )
-    return apply_crop(image, box, resolution), (box.top, box.left)
+        image.size, (resolution, resolution), center_crop=center_crop, random_flip=random_flip,
+        rng=rng,
+    )  # fmt: skip
+    return apply_crop(image, box), (box.top, box.left)

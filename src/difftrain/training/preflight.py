@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from difftrain.config import Config
+from difftrain.data.buckets import Buckets, bucket_examples
 from difftrain.data.folder import Example, drop_unreadable, scan_image_folder
 from difftrain.errors import UserError
 from difftrain.models.families.base import ModelFamily
@@ -34,6 +35,8 @@ class CheckedInputs:
     """The checkpoint to resume from, verified; None for a fresh start."""
     family: ModelFamily
     """The model's family, with this run's options."""
+    buckets: Buckets | None = None
+    """With data.buckets: each image's aspect-ratio bucket."""
 
 
 def check_inputs(
@@ -50,6 +53,11 @@ def check_inputs(
     examples, skipped = drop_unreadable(examples) if skip_bad else (examples, [])
     family = model_family(cfg.model, train_cfg)
     family.check_config(cfg)
+    buckets = None
+    if cfg.data.buckets:
+        block = train_cfg.batch_size * num_processes
+        paths = [example.image_path for example in examples]
+        buckets = bucket_examples(paths, cfg.data, family.size_step, block)
     check_tracker_available(train_cfg.report_to)
     if cfg.validation.loss_every_steps:
         scan_image_folder(cfg.validation.loss_dir, cfg.data.caption_column)
@@ -60,7 +68,7 @@ def check_inputs(
         check_resume_steps(checkpoint, train_cfg.max_steps)
     in_place = checkpoint is not None and checkpoint.parent == output_dir.resolve()
     check_output_dir(output_dir, cfg, overwrite=overwrite, training=True, resuming=in_place)
-    return CheckedInputs(examples, skipped, checkpoint, family)
+    return CheckedInputs(examples, skipped, checkpoint, family, buckets)
 
 
 def check_precision(mixed_precision: str) -> None:

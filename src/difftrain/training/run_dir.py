@@ -30,7 +30,7 @@ RUN_MARKER = ".difftrain-run.json"
 STALE_PARTIALS = (
     ".checkpoint-*.partial", ".checkpoint-*.deleting", f".*{TEMP_SUFFIX}", f".*{OLD_SUFFIX}"
 )  # fmt: skip
-TRAINING_ARTIFACTS = ("metrics.jsonl", "skipped_images.txt", "logs/wandb-run-id")
+TRAINING_ARTIFACTS = ("metrics.jsonl", "skipped_images.txt", "buckets.json", "logs/wandb-run-id")
 FINAL_OUTPUTS = (
     "model_index.json",  # first: without it the folder no longer looks like a pipeline
     "unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
@@ -38,7 +38,8 @@ FINAL_OUTPUTS = (
     "README.md",
 )  # fmt: skip
 OWNED_NAMES = (
-    *FINAL_OUTPUTS, "config.yaml", "env.json", "metrics.jsonl", "skipped_images.txt", "samples",
+    *FINAL_OUTPUTS, "config.yaml", "env.json", "metrics.jsonl", "skipped_images.txt",
+    "buckets.json", "samples",
     "logs", RUN_MARKER, LOCK_FILE,
 )  # fmt: skip
 """Top-level names a run writes (or, in its own folder, replaces); `checkpoint-N` too."""

@@ -52,3 +52,23 @@ def report_skipped_images(skipped: list[tuple[Path, str]], output_dir: Path) -> 
         "skipped %d unreadable images (%s%s); all listed in %s",
         len(skipped), shown, more, output_dir / "skipped_images.txt",
     )  # fmt: skip
+
+
+def report_buckets(buckets, block: int, output_dir: Path) -> None:
+    """OUTPUT_DIR/buckets.json (images per bucket) and the table in the log."""
+    import json
+
+    from difftrain.io import atomic_write_text
+
+    table = buckets.table(block)
+    atomic_write_text(output_dir / "buckets.json", json.dumps(table, indent=2) + "\n")
+    sizes = ", ".join(f"{name}: {count}" for name, count in table["buckets"].items())
+    logger.info("aspect-ratio buckets (%d images per epoch): %s",
+                table["images_per_epoch"], sizes)  # fmt: skip
+    if table["unused"]:
+        logger.warning(
+            "buckets %s hold fewer than %d images (batch size x processes) and never train; "
+            "add images or lower data.bucket_max_ratio",
+            ", ".join(table["unused"]),
+            block,
+        )

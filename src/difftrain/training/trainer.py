@@ -46,6 +46,7 @@ from difftrain.training.run_dir import claim_output_dir, write_run_description
 from difftrain.training.run_logging import (
     attach_log_handlers,
     detach_log_handlers,
+    report_buckets,
     report_skipped_images,
 )
 from difftrain.training.run_outputs import RunOutputs
@@ -117,7 +118,7 @@ def train(
         )
         seed_everything(cfg.train.seed)
         components = load_components(cfg.model, inputs.family)
-        run = TrainingRun(cfg, accelerator, components, inputs.examples)
+        run = TrainingRun(cfg, accelerator, components, inputs.examples, inputs.buckets)
         if checkpoint is not None:
             run.resume(checkpoint)
         if in_place:
@@ -127,6 +128,9 @@ def train(
         if main:
             write_run_description(output_dir, cfg, processes=process_facts(accelerator))
             report_skipped_images(inputs.skipped, output_dir)
+            if inputs.buckets is not None:
+                report_buckets(inputs.buckets, cfg.train.batch_size * accelerator.num_processes,
+                               output_dir)  # fmt: skip
         run.tracker = tracker = build_tracker(
             main,
             output_dir=output_dir,
@@ -167,6 +171,7 @@ class TrainingRun(RunCheckpoints, RunOutputs):
         accelerator,
         components: PipelineComponents,
         examples: list[Example],
+        buckets=None,
     ):
         self.cfg = cfg
         self.accelerator = accelerator
@@ -194,8 +199,9 @@ class TrainingRun(RunCheckpoints, RunOutputs):
         self.cached = build_input_cache(cfg, components)
         tokenize = partial(family.tokenize, components.tokenizers())
         self.dataset = CaptionedImageDataset(
-            examples, tokenize, cfg.data, self.cached.latent_keys if self.cached else None
-        )
+            examples, tokenize, cfg.data, self.cached.latent_keys if self.cached else None,
+            buckets,
+        )  # fmt: skip
         if self.cached is not None:
             self.cached.dataset = self.dataset
         self.progress = TrainingProgress()

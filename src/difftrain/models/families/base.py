@@ -69,6 +69,9 @@ class ModelFamily:
     """The denoiser may have a distilled-guidance input (`train.guidance_scale`)."""
     default_timestep_sampling: ClassVar[str] = "uniform"
     """Flow families: `train.timestep_sampling` when unset (as diffusers' own script)."""
+    size_step: ClassVar[int] = 8
+    """Image sides must be multiples of this (the VAE's 8, times a 2x2 patch where latents
+    are packed): what aspect-ratio bucket sides are made of."""
     packed_channels: ClassVar[int] = 1
     """Latent channels per denoiser input channel (Flux packs 2x2 patches: 4)."""
 

@@ -33,6 +33,7 @@ class Flux(ModelFamily):
     lora_text_encoders = ("text_encoder",)
     flow_matching = True
     uses_t5 = True
+    size_step = 16
     takes_guidance = True
     packed_channels = 4
     # diffusers' Flux scripts sample timesteps uniformly by default (weighting_scheme none).

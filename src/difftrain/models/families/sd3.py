@@ -33,6 +33,7 @@ class StableDiffusion3(ModelFamily):
     lora_text_encoders = ("text_encoder", "text_encoder_2")
     flow_matching = True
     uses_t5 = True
+    size_step = 16
     can_drop_t5 = True
     # diffusers' SD3 scripts default to logit-normal timesteps (as SD3's paper).
     default_timestep_sampling = "logit_normal"
