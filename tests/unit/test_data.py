@@ -358,3 +358,22 @@ def test_skip_mode_drops_an_image_over_the_pixel_limit(tmp_path: Path) -> None:
     assert kept == examples[1:]
     assert [path for path, _ in skipped] == [tmp_path / "huge.png"]
     assert "1600000000 pixels" in skipped[0][1]
+
+
+def test_tag_options_shuffle_and_drop_tags_reproducibly_keeping_the_first() -> None:
+    from difftrain.data.captions import transform_caption
+
+    caption = "sks dog, red, sitting, outdoors, grass, sunny"
+
+    def draw(seed: int, **options) -> str:
+        settings = {"shuffle_tags": False, "keep_tokens": 1, "tag_dropout": 0.0, **options}
+        return transform_caption(caption, random.Random(seed), **settings)
+
+    assert draw(0) == caption  # all off: untouched, nothing drawn
+    shuffled = [draw(seed, shuffle_tags=True) for seed in range(20)]
+    assert all(s.startswith("sks dog, ") for s in shuffled)
+    assert all(sorted(s.split(", ")) == sorted(caption.split(", ")) for s in shuffled)
+    assert len(set(shuffled)) > 5 and shuffled == [draw(s, shuffle_tags=True) for s in range(20)]
+    dropped = [draw(seed, tag_dropout=0.5).split(", ") for seed in range(50)]
+    assert all(tags[0] == "sks dog" for tags in dropped)
+    assert 1.5 < sum(len(tags) - 1 for tags in dropped) / 50 < 3.5  # about half of 5 kept

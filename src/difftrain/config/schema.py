@@ -153,6 +153,16 @@ class DataConfig:
     """Where cache entries live, shared by runs; null is $DIFFTRAIN_CACHE/latents
     (~/.cache/difftrain/latents). Safe to delete at any time (`difftrain cache clear`)."""
 
+    shuffle_tags: bool = False
+    """Shuffle a caption's comma-separated tags every time it is drawn (tag-style captions),
+    after the first `keep_tokens`; reproducible from `train.seed`."""
+
+    keep_tokens: int = _checked(0, _non_negative)
+    """Leading tags that `shuffle_tags` and `tag_dropout` leave in place (e.g. a trigger)."""
+
+    tag_dropout: float = _checked(0.0, _probability)
+    """Probability of leaving out each tag after the first `keep_tokens`."""
+
     on_bad_image: Literal["error", "skip"] = "error"
     """A corrupt or truncated image stops the run (`error`), or is left out and listed in
     `OUTPUT_DIR/skipped_images.txt` (`skip`; every image is then decoded once up front)."""

@@ -11,6 +11,7 @@ import torch
 
 from difftrain.config.schema import DataConfig
 from difftrain.data.buckets import Buckets, BucketSampler
+from difftrain.data.captions import transform_caption
 from difftrain.data.folder import Example
 from difftrain.data.sampler import ResumableSampler, SampleKey
 from difftrain.data.transforms import (
@@ -71,7 +72,11 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
                 "augment_seed": torch.tensor(key.augment_seed, dtype=torch.int64),
             }
         crop_top_left = (box.top, box.left)
-        caption = example.caption
+        cfg = self.cfg
+        caption = transform_caption(
+            example.caption, rng, shuffle_tags=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
+            tag_dropout=cfg.tag_dropout,
+        )  # fmt: skip
         # Drawn only when on, so runs without caption dropout keep their exact stream.
         if self.cfg.caption_dropout and rng.random() < self.cfg.caption_dropout:
             caption = ""
