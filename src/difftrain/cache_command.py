@@ -59,7 +59,7 @@ def build(args: argparse.Namespace) -> None:
 
     from difftrain.config import resolve_run_config
     from difftrain.data.dataset import CaptionedImageDataset
-    from difftrain.data.folder import scan_image_folder
+    from difftrain.data.sources import scan_sources
     from difftrain.models.latents import encode_posterior
     from difftrain.models.loading import load_components, model_family
     from difftrain.training.cached_inputs import build_input_cache
@@ -73,7 +73,7 @@ def build(args: argparse.Namespace) -> None:
             f"cache build: {args.config} caches nothing; set data.cache_latents and/or "
             "data.cache_text_embeddings: true"
         )
-    examples = scan_image_folder(cfg.data.train_dir, cfg.data.caption_column)
+    examples = scan_sources(cfg.data)
     family = model_family(cfg.model, cfg.train)
     family.check_config(cfg)
     components = load_components(cfg.model, family)

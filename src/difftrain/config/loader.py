@@ -124,6 +124,15 @@ def _refuse_lora_keys_without_lora(raw: dict[str, Any], cfg: Config, source: str
 
 def _check_combinations(cfg: Config, source: str | None) -> None:
     """Keys that are fine alone but not together."""
+    sources = [key for key in ("train_dir", "dataset", "shards") if getattr(cfg.data, key)]
+    if len(sources) != 1:
+        raise ConfigError(
+            "data.train_dir",
+            "is required (or data.dataset, or data.shards: exactly one source)"
+            if not sources
+            else f"and data.{sources[1]} both name the training data; keep one",
+            source,
+        )
     if cfg.validation.loss_every_steps and not cfg.validation.loss_dir:
         raise ConfigError(
             "validation.loss_dir",
@@ -334,10 +343,18 @@ def resolve_run_config(
     pretrained = cfg.model.pretrained
     if not pretrained.startswith("builtin:") and Path(pretrained).expanduser().exists():
         pretrained = str(Path(pretrained).expanduser().resolve())
+    dataset = cfg.data.dataset
     return dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, pretrained=pretrained),
-        data=dataclasses.replace(cfg.data, train_dir=_absolute(cfg.data.train_dir)),
+        data=dataclasses.replace(
+            cfg.data,
+            train_dir=cfg.data.train_dir and _absolute(cfg.data.train_dir),
+            shards=cfg.data.shards and str(Path(cfg.data.shards).expanduser().absolute()),
+            dataset=_absolute(dataset)
+            if dataset and Path(dataset).expanduser().is_dir()
+            else dataset,
+        ),
         train=dataclasses.replace(cfg.train, output_dir=_absolute(cfg.train.output_dir)),
         validation=dataclasses.replace(
             cfg.validation,

@@ -106,9 +106,22 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    train_dir: str | None = _checked(None, _required)
+    train_dir: str | None = None
     """Image folder: images plus `metadata.jsonl` (Hugging Face ImageFolder), or `x.png` with
-    `x.txt` caption files. Relative paths resolve against the current working folder."""
+    `x.txt` caption files. Relative paths resolve against the current working folder. One of
+    train_dir, dataset and shards is required."""
+
+    dataset: str | None = None
+    """A Hugging Face `datasets` dataset instead: a hub id, or a folder written by
+    `save_to_disk` (its `train` split), with `image_column` and `caption_column`."""
+
+    image_column: str = "image"
+    """Column of `dataset` that holds the images."""
+
+    shards: str | None = None
+    """WebDataset tar shards instead, as a brace pattern (`data/shard-{000..099}.tar`): each
+    sample is `key.<image>` plus `key.txt` or `key.json` (`caption_column`). Shards are read
+    in place, never unpacked; they must be local (or mounted) files."""
 
     caption_column: str = "text"
     """Column of `metadata.jsonl` that holds the caption."""

@@ -129,10 +129,11 @@ class LatentKeys:
     vae_dtype: str
 
     def key(self, image_path: Path, box: CropBox) -> str:
-        from difftrain.data.cache import entry_key, file_hash
+        from difftrain.data.cache import entry_key
+        from difftrain.data.sources import image_hash
 
         return entry_key(
-            "latent", image=file_hash(image_path), target=list(box.target),
+            "latent", image=image_hash(image_path), target=list(box.target),
             resized=list(box.resized), top=box.top, left=box.left, flipped=box.flipped,
             vae=self.vae_hash, dtype=self.vae_dtype,
         )  # fmt: skip

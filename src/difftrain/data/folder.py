@@ -83,6 +83,12 @@ def drop_unreadable(examples: list[Example]) -> tuple[list[Example], list[tuple[
     return kept, skipped
 
 
+def open_image(image):
+    """What PIL's `Image.open` takes for an example's image: its path, or (an image inside a
+    tar shard or a dataset, see data/sources.py) its bytes."""
+    return image if isinstance(image, (str, Path)) else image.open()
+
+
 def check_image_file(path: Path) -> None:
     """Fail now, naming the file, if it is not an image or is cut short.
 
@@ -94,7 +100,7 @@ def check_image_file(path: Path) -> None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with refuse_huge_images(path), Image.open(path) as image:
+        with refuse_huge_images(path), Image.open(open_image(path)) as image:
             mode = image.mode
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from difftrain.data.folder import refuse_huge_images
+from difftrain.data.folder import open_image, refuse_huge_images
 from difftrain.errors import UserError
 
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
@@ -23,7 +23,7 @@ _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 def load_rgb(path: Path) -> Image.Image:
     """Open an image fully (so a truncated file fails here, naming the file) as 8-bit RGB."""
     try:
-        with refuse_huge_images(path), Image.open(path) as image:
+        with refuse_huge_images(path), Image.open(open_image(path)) as image:
             image.load()
             return to_rgb(ImageOps.exif_transpose(image), path)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -36,7 +36,7 @@ def oriented_size(path: Path) -> tuple[int, int]:
     """(width, height) of the image as `load_rgb` would return it (EXIF rotation applied),
     from its header alone: a cached sample needs its size and crop, not its pixels."""
     try:
-        with refuse_huge_images(path), Image.open(path) as image:
+        with refuse_huge_images(path), Image.open(open_image(path)) as image:
             width, height = image.size
             orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

@@ -14,6 +14,7 @@ import torch
 from difftrain.config import Config
 from difftrain.data.buckets import Buckets, bucket_examples
 from difftrain.data.folder import Example, drop_unreadable, scan_image_folder
+from difftrain.data.sources import scan_sources
 from difftrain.errors import UserError
 from difftrain.models.families.base import ModelFamily
 from difftrain.models.loading import model_family
@@ -49,7 +50,7 @@ def check_inputs(
     """Check what the user gave; raise UserError on the first problem, writing nothing."""
     train_cfg = cfg.train
     skip_bad = cfg.data.on_bad_image == "skip"
-    examples = scan_image_folder(cfg.data.train_dir, cfg.data.caption_column, check=not skip_bad)
+    examples = scan_sources(cfg.data, check=not skip_bad)
     examples, skipped = drop_unreadable(examples) if skip_bad else (examples, [])
     family = model_family(cfg.model, train_cfg)
     family.check_config(cfg)

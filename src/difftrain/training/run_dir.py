@@ -165,6 +165,10 @@ def _refuse_overlap_with_inputs(output_dir: Path, cfg: Config) -> None:
     inputs = {"data.train_dir": cfg.data.train_dir, "validation.loss_dir": cfg.validation.loss_dir}
     if Path(cfg.model.pretrained).is_dir():
         inputs["model.pretrained"] = cfg.model.pretrained
+    if cfg.data.dataset and Path(cfg.data.dataset).expanduser().is_dir():
+        inputs["data.dataset"] = cfg.data.dataset
+    if cfg.data.cache_dir:
+        inputs["data.cache_dir"] = cfg.data.cache_dir
     inputs["the model cache (DIFFTRAIN_CACHE)"] = str(builtin_cache_dir())
     inputs["the Hugging Face cache"] = str(constants.HF_HUB_CACHE)
     out = output_dir.resolve()

@@ -94,7 +94,7 @@ class RunOutputs:
         write_model_card(
             self.output_dir,
             base_model=base,
-            data_dir=cfg.data.train_dir,
+            data_dir=cfg.data.train_dir or cfg.data.dataset or cfg.data.shards,
             num_images=len(self.dataset),
             settings=settings,
             final_loss=losses[-1] if losses else None,
