@@ -113,3 +113,50 @@ def test_a_bad_source_is_one_line(
     assert code == 2 and len(err) == 1, err
     assert message in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_several_sources_with_repeats_form_one_dataset(
+    tmp_path: Path, dummy_data_dir: Path, builtin_cache
+) -> None:
+    import shutil
+
+    from difftrain.config import dump_config
+    from difftrain.config.loader import load_config
+    from difftrain.data.sources import scan_sources
+
+    shards = make_shards(dummy_data_dir, tmp_path / "shards")
+    small = tmp_path / "small"
+    small.mkdir()
+    for image in sorted(dummy_data_dir.glob("*.png"))[:2]:
+        shutil.copy(image, small / image.name)
+        (small / image.with_suffix(".txt").name).write_text("a sks shape")
+    sources = [{"shards": shards}, {"train_dir": str(small), "repeats": 3}]
+    cfg = family_config("sd", tmp_path / "o", dummy_data_dir,
+                        data={"train_dir": None, "sources": sources}, train={"max_steps": 3})  # fmt: skip
+    examples = scan_sources(cfg.data)
+    assert len(examples) == 8 + 3 * 2
+    assert [e.caption for e in examples[8:]] == ["a sks shape"] * 6
+    result = train(cfg)
+    assert result.steps == 3
+    # The resolved config (a list of sections) reads back as the same config.
+    dump_config(cfg, tmp_path / "again.yaml")
+    assert load_config(tmp_path / "again.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    ("sources", "message"),
+    [
+        ("[{train_dir: a, shards: b}]", "data.sources[0].train_dir: and data.sources[0].shards"),
+        ("[{train_dir: a, repeat: 2}]", "data.sources[0].repeat: unknown key"),
+        ("[{repeats: 2}]", "data.sources[0].train_dir: is required"),
+        ("[{train_dir: a, repeats: 0}]", "data.sources[0].repeats: must be > 0"),
+    ],
+)
+def test_bad_sources_name_the_item(sources: str, message: str, tmp_path: Path) -> None:
+    from difftrain.config.loader import load_config
+    from difftrain.errors import ConfigError
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{sources: {sources}}}\n")
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(config)

@@ -124,15 +124,9 @@ def _refuse_lora_keys_without_lora(raw: dict[str, Any], cfg: Config, source: str
 
 def _check_combinations(cfg: Config, source: str | None) -> None:
     """Keys that are fine alone but not together."""
-    sources = [key for key in ("train_dir", "dataset", "shards") if getattr(cfg.data, key)]
-    if len(sources) != 1:
-        raise ConfigError(
-            "data.train_dir",
-            "is required (or data.dataset, or data.shards: exactly one source)"
-            if not sources
-            else f"and data.{sources[1]} both name the training data; keep one",
-            source,
-        )
+    _check_one_source(cfg.data, "data.", source, allow_list=True)
+    for index, entry in enumerate(cfg.data.sources):
+        _check_one_source(entry, f"data.sources[{index}].", source, allow_list=False)
     if cfg.validation.loss_every_steps and not cfg.validation.loss_dir:
         raise ConfigError(
             "validation.loss_dir",
@@ -167,6 +161,25 @@ def _check_combinations(cfg: Config, source: str | None) -> None:
             "turn off ema.enabled or lora.enabled",
             source,
         )
+
+
+def _check_one_source(section, prefix: str, source: str | None, *, allow_list: bool) -> None:
+    """Exactly one of train_dir, dataset, shards (or, for `data`, a list of sources)."""
+    keys = ("train_dir", "dataset", "shards", "sources") if allow_list else SOURCE_KEYS
+    named = [key for key in keys if getattr(section, key, None)]
+    if len(named) != 1:
+        raise ConfigError(
+            f"{prefix}{named[0] if named else 'train_dir'}",
+            "is required (or dataset, shards"
+            + (", or a list of sources" if allow_list else "")
+            + ": exactly one source)"
+            if not named
+            else f"and {prefix}{named[1]} both name the training data; keep one",
+            source,
+        )
+
+
+SOURCE_KEYS = ("train_dir", "dataset", "shards")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -257,6 +270,10 @@ def _coerce(value: Any, hint: Any, key: str, source: str | None) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value if text is None else _RawText(text, value), inner, key, source)
 
+    if dataclasses.is_dataclass(hint):  # an item of a list of sections (data.sources)
+        _reject_unknown_keys(hint, value, f"{key}.", source)
+        return _build(hint, value, f"{key}.", source)
+
     if origin is Literal:
         # `--set train.mixed_precision=no`: YAML reads `no` as False; the typed text is meant.
         if text is not None and text.strip() in [a for a in args if isinstance(a, str)]:
@@ -343,23 +360,29 @@ def resolve_run_config(
     pretrained = cfg.model.pretrained
     if not pretrained.startswith("builtin:") and Path(pretrained).expanduser().exists():
         pretrained = str(Path(pretrained).expanduser().resolve())
-    dataset = cfg.data.dataset
     return dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, pretrained=pretrained),
         data=dataclasses.replace(
-            cfg.data,
-            train_dir=cfg.data.train_dir and _absolute(cfg.data.train_dir),
-            shards=cfg.data.shards and str(Path(cfg.data.shards).expanduser().absolute()),
-            dataset=_absolute(dataset)
-            if dataset and Path(dataset).expanduser().is_dir()
-            else dataset,
+            _absolute_source(cfg.data),
+            sources=[_absolute_source(entry) for entry in cfg.data.sources],
         ),
         train=dataclasses.replace(cfg.train, output_dir=_absolute(cfg.train.output_dir)),
         validation=dataclasses.replace(
             cfg.validation,
             loss_dir=_absolute(cfg.validation.loss_dir) if cfg.validation.loss_dir else None,
         ),
+    )
+
+
+def _absolute_source(section):
+    """A source's paths made absolute (a dataset only when it is a local folder)."""
+    dataset = section.dataset
+    return dataclasses.replace(
+        section,
+        train_dir=section.train_dir and _absolute(section.train_dir),
+        shards=section.shards and str(Path(section.shards).expanduser().absolute()),
+        dataset=_absolute(dataset) if dataset and Path(dataset).expanduser().is_dir() else dataset,
     )
 
 

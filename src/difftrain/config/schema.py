@@ -105,6 +105,20 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
+class SourceConfig:
+    """One of several training sources (`data.sources`), each with its own repeats."""
+
+    train_dir: str | None = None
+    dataset: str | None = None
+    shards: str | None = None
+    image_column: str = "image"
+    caption_column: str = "text"
+    repeats: int = _checked(1, _positive)
+    """Each image of this source appears this many times per epoch (kohya's concept
+    folders: balance a small source against a large one)."""
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     train_dir: str | None = None
     """Image folder: images plus `metadata.jsonl` (Hugging Face ImageFolder), or `x.png` with
@@ -117,6 +131,11 @@ class DataConfig:
 
     image_column: str = "image"
     """Column of `dataset` that holds the images."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Several sources instead of one: a list of {train_dir | dataset | shards, repeats,
+    image_column, caption_column}; their examples (each repeated `repeats` times) form one
+    dataset."""
 
     shards: str | None = None
     """WebDataset tar shards instead, as a brace pattern (`data/shard-{000..099}.tar`): each

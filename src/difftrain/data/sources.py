@@ -75,7 +75,13 @@ def image_hash(image) -> str:
 
 
 def scan_sources(cfg, *, check: bool = True) -> list[Example]:
-    """The examples of whichever source `cfg` (the `data` section) names."""
+    """The examples of whichever source `cfg` (the `data` section) names; with
+    `data.sources`, those of each source, repeated as it says, in the listed order."""
+    if getattr(cfg, "sources", None):
+        examples = []
+        for entry in cfg.sources:
+            examples += scan_sources(entry, check=check) * entry.repeats
+        return examples
     if cfg.dataset is not None:
         return scan_dataset(cfg.dataset, cfg.image_column, cfg.caption_column)
     if cfg.shards is not None:

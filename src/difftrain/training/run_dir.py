@@ -167,6 +167,8 @@ def _refuse_overlap_with_inputs(output_dir: Path, cfg: Config) -> None:
         inputs["model.pretrained"] = cfg.model.pretrained
     if cfg.data.dataset and Path(cfg.data.dataset).expanduser().is_dir():
         inputs["data.dataset"] = cfg.data.dataset
+    for index, entry in enumerate(cfg.data.sources):
+        inputs[f"data.sources[{index}].train_dir"] = entry.train_dir
     if cfg.data.cache_dir:
         inputs["data.cache_dir"] = cfg.data.cache_dir
     inputs["the model cache (DIFFTRAIN_CACHE)"] = str(builtin_cache_dir())
