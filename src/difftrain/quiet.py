@@ -19,16 +19,49 @@ def quiet_third_party(*, libraries_loaded_soon: bool) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # diffusers passes an argument huggingface_hub deprecated; nothing for a user to fix.
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-    if libraries_loaded_soon and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
-        # The variables above only count when a library is first imported, and diffusers'
-        # own bars ("Loading pipeline components") ignore them: switch every bar off now.
+    if not libraries_loaded_soon:
+        return
+    with interrupts_held():
+        # The libraries a run needs, imported with Ctrl-C held back (see interrupts_held).
+        import accelerate  # noqa: F401
+        import diffusers  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
         from diffusers.utils import logging as diffusers_logging
         from huggingface_hub.utils import disable_progress_bars
         from transformers.utils import logging as transformers_logging
 
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        # The variables above only count when a library is first imported, and diffusers'
+        # own bars ("Loading pipeline components") ignore them: switch every bar off now.
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
         disable_progress_bars()
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Ctrl-C inside the block is answered (as a KeyboardInterrupt) when the block is done.
+
+    A KeyboardInterrupt in the middle of an extension module's initialisation can leave it
+    half-loaded: numpy then refuses to load again ("cannot load module more than once"), and
+    an interrupt raised inside a pybind11 callback aborts the process. Imports take a few
+    seconds, so holding the signal that long costs nothing.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

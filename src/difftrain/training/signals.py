@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from difftrain.launch import process_rank
@@ -39,3 +39,33 @@ def stop_signals() -> Iterator[list[int]]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextmanager
+def startup_interrupts() -> Iterator[Callable[[], None]]:
+    """Ctrl-C during start-up (checks, model loading) is recorded and answered at the next
+    safe point, where the returned `check()` raises KeyboardInterrupt (exit 130).
+
+    Raised at an arbitrary moment instead, it can land inside a library's C code (pybind11
+    then aborts the process) or in a `__del__` (where Python swallows it and the run goes
+    on). A second Ctrl-C stops at once, for a start-up that takes long.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+
+    def record(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    def check() -> None:
+        if received:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, record)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)

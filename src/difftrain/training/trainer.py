@@ -51,7 +51,7 @@ from difftrain.training.run_logging import (
 )
 from difftrain.training.run_outputs import RunOutputs
 from difftrain.training.sharding import norm_value, shard_denoiser
-from difftrain.training.signals import stop_signals
+from difftrain.training.signals import startup_interrupts, stop_signals
 from difftrain.training.state import (
     TrainingProgress,
     TrainingState,
@@ -82,6 +82,11 @@ def train(
     cfg: Config, *, overwrite: bool = False, allow_config_change: tuple[str, ...] = ()
 ) -> TrainResult:
     """Fine-tune the denoiser of `cfg.model.pretrained` on `cfg.data` and write the outputs."""
+    with startup_interrupts() as interrupted:
+        return _train(cfg, overwrite, allow_config_change, interrupted)
+
+
+def _train(cfg: Config, overwrite: bool, allow_config_change, interrupted) -> TrainResult:
     output_dir = Path(cfg.train.output_dir)
     check_precision(cfg.train.mixed_precision)
     configure_determinism(cfg.train.deterministic)
@@ -113,11 +118,14 @@ def train(
             ),
         )
         lock = held[0] if held else None
+        interrupted()
         log_handlers = attach_log_handlers(
             output_dir / "logs" / "train.log", main, console_steps=not shows_progress_bar(main)
         )
         seed_everything(cfg.train.seed)
+        interrupted()  # the safe points of start-up: between its phases
         components = load_components(cfg.model, inputs.family)
+        interrupted()
         run = TrainingRun(cfg, accelerator, components, inputs.examples, inputs.buckets)
         if checkpoint is not None:
             run.resume(checkpoint)
@@ -139,6 +147,7 @@ def train(
             start_step=run.progress.step,
             run_config=config_to_dict(cfg),
         )
+        interrupted()
         # Signals stay caught until the outputs are complete: a Ctrl-C during the final save
         # is answered once the save is done, never by a half-written pipeline.
         with stop_signals() as received, peers_lost_is_one_line(accelerator):
