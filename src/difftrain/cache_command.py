@@ -84,7 +84,14 @@ def build(args: argparse.Namespace) -> None:
     )
     cached = build_input_cache(cfg, components)
     tokenize = partial(family.tokenize, components.tokenizers())
-    dataset = CaptionedImageDataset(examples, tokenize, cfg.data, cached.latent_keys)
+    buckets = None
+    if cfg.data.buckets:  # the shapes the run will crop to
+        from difftrain.data.buckets import bucket_examples
+
+        block = cfg.train.batch_size * int(os.environ.get("WORLD_SIZE", 1))
+        paths = [example.image_path for example in examples]
+        buckets = bucket_examples(paths, cfg.data, family.size_step, block)
+    dataset = CaptionedImageDataset(examples, tokenize, cfg.data, cached.latent_keys, buckets)
     cached.dataset = dataset
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     mine = list(range(rank, len(examples), world))

@@ -240,3 +240,24 @@ def test_cache_build_refuses_a_config_that_caches_nothing(
     assert main(["cache", "build", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "caches nothing; set data.cache_latents" in err[0]
+
+
+def test_sd3_text_entries_key_the_t5_length_even_without_t5(
+    tmp_path: Path, data: Path, builtin_cache
+) -> None:
+    cache = {"cache_text_embeddings": True, "cache_dir": cache_dir(tmp_path)}
+    for name, length in (("a", 20), ("b", 24)):
+        cfg = family_config(
+            "sd3", tmp_path / name, data, data=cache, train={"max_steps": 2},
+            model={"drop_t5": True, "max_sequence_length": length},
+        )  # fmt: skip
+        assert train(cfg).steps == 2  # the second run never reads the first's (shorter) rows
+    assert TensorCache(Path(cache["cache_dir"])).info()["text"]["entries"] >= 2
+
+
+def test_text_cache_with_shuffled_tags_is_refused(data: Path) -> None:
+    from difftrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.cache_text_embeddings: would miss almost"):
+        family_config("sd", data / "o", data,
+                      data={"cache_text_embeddings": True, "shuffle_tags": True})  # fmt: skip

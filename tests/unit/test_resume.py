@@ -376,3 +376,17 @@ def test_sigterm_checkpoints_and_exits_143(
     assert "--resume-from-checkpoint latest" in last
     assert step == read_metrics(out / "metrics.jsonl")[-1]["step"]
     assert json.loads((path / "manifest.json").read_text())["step"] == step
+
+
+def test_a_checkpoint_config_without_newer_keys_reads_as_their_defaults() -> None:
+    from difftrain.config import Config, config_to_dict
+    from difftrain.training.resume import _with_defaults
+    from difftrain.training.run_dir import differing_keys
+
+    now = config_to_dict(Config())
+    old = {section: dict(values) for section, values in now.items()}
+    del old["data"]["buckets"], old["data"]["sources"], old["data"]["bucket_max_ratio"]
+    assert differing_keys(old, now) == ["data.bucket_max_ratio", "data.buckets", "data.sources"]
+    assert differing_keys(_with_defaults(old), now) == []
+    old["data"]["resolution"] = 1024  # a real change still shows
+    assert differing_keys(_with_defaults(old), now) == ["data.resolution"]

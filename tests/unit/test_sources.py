@@ -160,3 +160,19 @@ def test_bad_sources_name_the_item(sources: str, message: str, tmp_path: Path) -
     config.write_text(f"data: {{sources: {sources}}}\n")
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_config(config)
+
+
+def test_a_dataset_row_without_an_image_is_one_line(tmp_path: Path, capsys) -> None:
+    import datasets
+
+    from difftrain.cli import main
+
+    datasets.disable_progress_bars()
+    table = datasets.Dataset.from_dict({"image": [None], "text": ["a"]})
+    table.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "ds"))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{dataset: '{tmp_path / 'ds'}'}}\n")
+    code = main(["train", "--config", str(config), "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "holds no image" in err[0], err
+    assert not (tmp_path / "o").exists()

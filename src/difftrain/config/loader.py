@@ -154,6 +154,13 @@ def _check_combinations(cfg: Config, source: str | None) -> None:
             "turn off one of them",
             source,
         )
+    if cfg.data.cache_text_embeddings and (cfg.data.shuffle_tags or cfg.data.tag_dropout):
+        raise ConfigError(
+            "data.cache_text_embeddings",
+            "would miss almost every step with data.shuffle_tags / data.tag_dropout (each "
+            "draw is a new caption) and grow without bound; turn off one of them",
+            source,
+        )
     if cfg.ema.enabled and cfg.lora.enabled:
         raise ConfigError(
             "ema.enabled",

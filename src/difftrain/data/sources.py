@@ -54,6 +54,9 @@ class DatasetRow:
 
     def open(self) -> BinaryIO:
         value = _dataset(self.source, self.column)[self.index][self.column]
+        if not value or (value.get("bytes") is None and not value.get("path")):
+            # OSError: the image readers report it as an unreadable image, with its row.
+            raise OSError(f"row {self.index} of column {self.column!r} holds no image")
         if value.get("bytes") is not None:
             return io.BytesIO(value["bytes"])
         return open(value["path"], "rb")
@@ -82,11 +85,18 @@ def scan_sources(cfg, *, check: bool = True) -> list[Example]:
         for entry in cfg.sources:
             examples += scan_sources(entry, check=check) * entry.repeats
         return examples
+    if cfg.dataset is None and cfg.shards is None:
+        return scan_image_folder(cfg.train_dir, cfg.caption_column, check=check)
     if cfg.dataset is not None:
-        return scan_dataset(cfg.dataset, cfg.image_column, cfg.caption_column)
-    if cfg.shards is not None:
-        return scan_shards(cfg.shards, cfg.caption_column)
-    return scan_image_folder(cfg.train_dir, cfg.caption_column, check=check)
+        examples = scan_dataset(cfg.dataset, cfg.image_column, cfg.caption_column)
+    else:
+        examples = scan_shards(cfg.shards, cfg.caption_column)
+    if check:  # as for a folder: a broken image fails now, naming it, not mid-run
+        from difftrain.data.folder import check_image_file
+
+        for example in examples:
+            check_image_file(example.image_path)
+    return examples
 
 
 @functools.lru_cache(maxsize=8)

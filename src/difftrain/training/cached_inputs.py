@@ -52,8 +52,17 @@ class InputCache:
         self._text_identity = {}
         if text:
             encoders = components.text_encoders
+            family = components.family
+            denoiser = getattr(components.denoiser, "config", {})
             self._text_identity = {
-                "family": components.family.name,
+                "family": family.name,
+                # What shapes the conditioning besides the encoders: SD3's T5 length (zeros
+                # without T5) and the width CLIP is padded to.
+                "options": {
+                    "max_sequence_length": family.max_sequence_length(),
+                    "dropped": list(family.dropped_parts()),
+                    "joint_attention_dim": getattr(denoiser, "joint_attention_dim", None),
+                },
                 "encoders": {name: weights_hash(model) for name, model in encoders.items()},
                 "dtype": str(next(iter(encoders.values())).dtype),
             }

@@ -37,6 +37,10 @@ CHANGEABLE_ON_RESUME = (
     "train.on_nonfinite",
     "train.max_nonfinite_steps",
     "data.num_workers",  # augmentation is keyed per sample, so workers do not change the data
+    # A cached run trains on what an uncached run would: the cache may come and go.
+    "data.cache_latents",
+    "data.cache_text_embeddings",
+    "data.cache_dir",
     "checkpointing.",
     "validation.",
 )
@@ -125,13 +129,16 @@ def check_resume_config(
     may change as long as the global batch (batch x accumulation x processes) stays the same:
     every sample draws its randomness by its stream position, so that is the same run.
     """
-    saved = _saved_config(checkpoint)
+    saved = _with_defaults(_saved_config(checkpoint))
     changed = [
         key
         for key in differing_keys(saved, config_to_dict(cfg))
         if not _changeable(key) and key not in allowed
     ]
-    if _same_global_batch(checkpoint, saved, cfg, num_processes):
+    if _same_global_batch(checkpoint, saved, cfg, num_processes) and not (
+        # Bucketed batches are blocks of batch_size x processes: another split is another plan.
+        cfg.data.buckets and not _same_block(checkpoint, saved, cfg, num_processes)
+    ):
         changed = [key for key in changed if key not in PER_PROCESS_BATCH_KEYS]
     if changed:
         keys = ",".join(changed)
@@ -167,6 +174,30 @@ def _same_global_batch(checkpoint: Path, saved: dict, cfg: Config, num_processes
         return False
     now = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * num_processes
     return before == now
+
+
+def _same_block(checkpoint: Path, saved: dict, cfg: Config, num_processes: int) -> bool:
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        before = int(saved["train"]["batch_size"]) * int(state.get("num_processes", 1))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return before == cfg.train.batch_size * num_processes
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A checkpoint's config with keys added since it was written at their defaults (their
+    default is what that run did), so only real changes count."""
+    from difftrain.config import Config
+
+    def fill(defaults: dict, values: dict) -> dict:
+        merged = dict(defaults)
+        for key, value in values.items():
+            both = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+            merged[key] = fill(defaults[key], value) if both else value
+        return merged
+
+    return fill(config_to_dict(Config()), saved)
 
 
 def _changeable(key: str) -> bool:

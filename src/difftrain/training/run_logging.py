@@ -46,7 +46,7 @@ def report_skipped_images(skipped: list[tuple[Path, str]], output_dir: Path) -> 
         return
     lines = "".join(f"{path}\t{reason}\n" for path, reason in skipped)
     (output_dir / "skipped_images.txt").write_text(lines, encoding="utf-8")
-    shown = ", ".join(path.name for path, _ in skipped[:5])
+    shown = ", ".join(getattr(path, "name", str(path)) for path, _ in skipped[:5])
     more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
     logger.warning(
         "skipped %d unreadable images (%s%s); all listed in %s",

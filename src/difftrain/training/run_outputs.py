@@ -94,7 +94,10 @@ class RunOutputs:
         write_model_card(
             self.output_dir,
             base_model=base,
-            data_dir=cfg.data.train_dir or cfg.data.dataset or cfg.data.shards,
+            data_dir=cfg.data.train_dir
+            or cfg.data.dataset
+            or cfg.data.shards
+            or ", ".join(s.train_dir or s.dataset or s.shards for s in cfg.data.sources),
             num_images=len(self.dataset),
             settings=settings,
             final_loss=losses[-1] if losses else None,

@@ -151,6 +151,7 @@ def _train(cfg: Config, overwrite: bool, allow_config_change, interrupted) -> Tr
         # Signals stay caught until the outputs are complete: a Ctrl-C during the final save
         # is answered once the save is done, never by a half-written pipeline.
         with stop_signals() as received, peers_lost_is_one_line(accelerator):
+            interrupted()  # a Ctrl-C just before the loop's own handler took over
             losses = run.train(received)
             run.gather_for_publish()
             if main:

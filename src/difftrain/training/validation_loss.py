@@ -39,7 +39,10 @@ class ValidationLoss:
             )
         examples = scan_image_folder(validation.loss_dir, cfg.data.caption_column)
         # Held-out images are seen as they are: centre crop, no flip, their real caption.
-        data_cfg = replace(cfg.data, center_crop=True, random_flip=False, caption_dropout=0.0)
+        data_cfg = replace(
+            cfg.data, center_crop=True, random_flip=False, caption_dropout=0.0,
+            shuffle_tags=False, tag_dropout=0.0,
+        )  # fmt: skip
         tokenize = partial(components.family.tokenize, components.tokenizers())
         dataset = CaptionedImageDataset(examples, tokenize, data_cfg)
         # Image i is scored by process i % world_size; it keeps its index (and so its noise).
