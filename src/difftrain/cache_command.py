@@ -60,7 +60,6 @@ def build(args: argparse.Namespace) -> None:
     from difftrain.config import resolve_run_config
     from difftrain.data.dataset import CaptionedImageDataset
     from difftrain.data.sources import scan_sources
-    from difftrain.models.latents import encode_posterior
     from difftrain.models.loading import load_components, model_family
     from difftrain.training.cached_inputs import build_input_cache
     from difftrain.training.model_setup import DTYPES, freeze_for_encoding
@@ -100,7 +99,7 @@ def build(args: argparse.Namespace) -> None:
         for start in range(0, len(mine), batch):
             chunk = mine[start : start + batch]
             if cached.latents:
-                _build_latents(cached, dataset, chunk, encode_posterior)
+                _build_latents(cached, dataset, chunk)
             if cached.text:
                 captions = [examples[i].caption for i in chunk]
                 if cfg.data.caption_dropout and start == 0 and rank == 0:
@@ -111,7 +110,7 @@ def build(args: argparse.Namespace) -> None:
     print(f"{cached.summary()}; {len(mine)} of {len(examples)} images on this process")
 
 
-def _build_latents(cached, dataset, chunk: list[int], encode_posterior) -> None:
+def _build_latents(cached, dataset, chunk: list[int]) -> None:
     import torch
 
     todo = []
@@ -125,10 +124,7 @@ def _build_latents(cached, dataset, chunk: list[int], encode_posterior) -> None:
         return
     device = cached.components.device
     pixels = torch.stack([dataset.pixels_in_box(i, box) for i, box, _ in todo]).to(device)
-    posterior = encode_posterior(cached.components.vae, pixels)
-    for row, (_, _, key) in enumerate(todo):
-        entry = {"mean": posterior.mean[row].cpu(), "std": posterior.std[row].cpu()}
-        cached.cache.put("latent", key, entry)
+    cached.store_latents([key for _, _, key in todo], pixels)
     cached.counts["latent"][1] += len(todo)
 
 

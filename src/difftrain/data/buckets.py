@@ -19,13 +19,12 @@ fewer images than one block never trains, and is listed as unused (buckets.json,
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from difftrain.data.sampler import SampleKey
+from difftrain.data.sampler import ResumableSampler
 from difftrain.errors import UserError
 from difftrain.seeds import derive_seed
 
@@ -101,21 +100,23 @@ def bucket_examples(paths: list[Path], cfg, step: int, block: int) -> Buckets:
     return buckets
 
 
-class BucketSampler(torch.utils.data.Sampler):
+class BucketSampler(ResumableSampler):
     """Endless, seeded stream of `SampleKey`s in single-bucket blocks (see the module
-    docstring); process `rank` takes every `world_size`-th position, as ResumableSampler."""
+    docstring): a `ResumableSampler` whose epoch is the bucket plan, not a permutation."""
 
     def __init__(self, buckets: Buckets, block: int, seed: int, *, start_position: int = 0,
                  rank: int = 0, world_size: int = 1):  # fmt: skip
         self.groups = buckets.members()
         self.block = block
-        self.seed = seed
-        self.start_position = start_position
-        self.rank = rank
-        self.world_size = world_size
         self.epoch_length = sum(len(g) // block * block for g in self.groups)
+        super().__init__(
+            self.epoch_length, seed, start_position=start_position, rank=rank,
+            world_size=world_size,
+        )  # fmt: skip
 
-    def plan(self, epoch: int) -> list[int]:
+    def permutation(self, epoch: int) -> list[int]:
+        """Epoch `epoch`'s order: each bucket shuffled and cut into whole blocks, the blocks
+        shuffled."""
         blocks = []
         for number, group in enumerate(self.groups):
             rng = torch.Generator().manual_seed(derive_seed(self.seed, "bucket", epoch, number))
@@ -125,14 +126,3 @@ class BucketSampler(torch.utils.data.Sampler):
         rng = torch.Generator().manual_seed(derive_seed(self.seed, "bucket-blocks", epoch))
         return [item for i in torch.randperm(len(blocks), generator=rng).tolist()
                 for item in blocks[i]]  # fmt: skip
-
-    def __iter__(self) -> Iterator[SampleKey]:
-        position = self.start_position + self.rank
-        epoch, order = -1, []
-        while True:
-            if position // self.epoch_length != epoch:
-                epoch = position // self.epoch_length
-                order = self.plan(epoch)
-            augment_seed = derive_seed(self.seed, "augment", position)
-            yield SampleKey(order[position % self.epoch_length], augment_seed, position)
-            position += self.world_size

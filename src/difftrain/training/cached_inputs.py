@@ -80,16 +80,24 @@ class InputCache:
                     for i in missing
                 ]
             ).to(self.components.device)
-            computed = encode_posterior(self.components.vae, pixels)
-            for j, i in enumerate(missing):
-                rows[i] = {"mean": computed.mean[j].cpu(), "std": computed.std[j].cpu()}
-                self.cache.put("latent", keys[i], rows[i])
+            computed = self.store_latents([keys[i] for i in missing], pixels)
+            for row, i in zip(computed, missing, strict=True):
+                rows[i] = row
         self._count("latent", len(keys), len(missing))
         device = self.components.device
         return LatentPosterior(
             mean=torch.stack([row["mean"] for row in rows]).to(device),
             std=torch.stack([row["std"] for row in rows]).to(device),
         )
+
+    def store_latents(self, keys: list[str], pixels: torch.Tensor) -> list[dict]:
+        """Encode `pixels` (one VAE batch) and store each row's posterior under its key."""
+        computed = encode_posterior(self.components.vae, pixels)
+        rows = []
+        for j, key in enumerate(keys):
+            rows.append({"mean": computed.mean[j].cpu(), "std": computed.std[j].cpu()})
+            self.cache.put("latent", key, rows[-1])
+        return rows
 
     def conditioning(self, batch: dict) -> dict:
         names = sorted(key for key in batch if key.startswith("tokens."))

@@ -164,25 +164,28 @@ def _saved_config(checkpoint: Path) -> dict:
 PER_PROCESS_BATCH_KEYS = ("train.batch_size", "train.gradient_accumulation_steps")
 
 
-def _same_global_batch(checkpoint: Path, saved: dict, cfg: Config, num_processes: int) -> bool:
+def _saved_batch(checkpoint: Path, saved: dict) -> tuple[int, int, int] | None:
+    """(batch_size, gradient_accumulation_steps, processes) of the run that wrote it."""
     try:
         state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
         train = saved["train"]
-        before = int(train["batch_size"]) * int(train["gradient_accumulation_steps"])
-        before *= int(state.get("num_processes", 1))
+        return (
+            int(train["batch_size"]), int(train["gradient_accumulation_steps"]),
+            int(state.get("num_processes", 1)),
+        )  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError):
-        return False
+        return None
+
+
+def _same_global_batch(checkpoint: Path, saved: dict, cfg: Config, num_processes: int) -> bool:
+    before = _saved_batch(checkpoint, saved)
     now = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * num_processes
-    return before == now
+    return before is not None and before[0] * before[1] * before[2] == now
 
 
 def _same_block(checkpoint: Path, saved: dict, cfg: Config, num_processes: int) -> bool:
-    try:
-        state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
-        before = int(saved["train"]["batch_size"]) * int(state.get("num_processes", 1))
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return before == cfg.train.batch_size * num_processes
+    before = _saved_batch(checkpoint, saved)
+    return before is not None and before[0] * before[2] == cfg.train.batch_size * num_processes
 
 
 def _with_defaults(saved: dict) -> dict:
