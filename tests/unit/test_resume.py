@@ -390,3 +390,22 @@ def test_a_checkpoint_config_without_newer_keys_reads_as_their_defaults() -> Non
     assert differing_keys(_with_defaults(old), now) == []
     old["data"]["resolution"] = 1024  # a real change still shows
     assert differing_keys(_with_defaults(old), now) == ["data.resolution"]
+
+
+def test_resume_on_another_process_count_with_the_same_config_is_refused(
+    tmp_path: Path, dummy_data_dir: Path, tiny_model_dir
+) -> None:
+    from difftrain.training.resume import check_resume_config
+
+    out = tmp_path / "out"
+    train(config(out, dummy_data_dir, train={"max_steps": 4}))
+    checkpoint = out / "checkpoint-4"
+    same = config(out, dummy_data_dir)
+    check_resume_config(checkpoint, same, num_processes=1)
+    # No key differs, yet two processes would take 4 images per step instead of 2.
+    with pytest.raises(UserError, match=r"1 process\(es\) x batch 2 x 1 accumulation = 2 images"):
+        check_resume_config(checkpoint, same, num_processes=2)
+    check_resume_config(checkpoint, same, ("train.batch_size",), num_processes=2)
+    # Half the batch on each of two processes is the same run.
+    check_resume_config(checkpoint, config(out, dummy_data_dir, train={"batch_size": 1}),
+                        num_processes=2)  # fmt: skip

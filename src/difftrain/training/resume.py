@@ -140,6 +140,8 @@ def check_resume_config(
         cfg.data.buckets and not _same_block(checkpoint, saved, cfg, num_processes)
     ):
         changed = [key for key in changed if key not in PER_PROCESS_BATCH_KEYS]
+    elif not set(PER_PROCESS_BATCH_KEYS) & set(changed + list(allowed)):
+        _refuse_other_process_count(checkpoint, saved, cfg, num_processes)
     if changed:
         keys = ",".join(changed)
         raise UserError(
@@ -175,6 +177,24 @@ def _saved_batch(checkpoint: Path, saved: dict) -> tuple[int, int, int] | None:
         )  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _refuse_other_process_count(
+    checkpoint: Path, saved: dict, cfg: Config, num_processes: int
+) -> None:
+    """The config is unchanged but the process count is not, so each step would take another
+    number of images (and bucket batches another block): no config key says so, this does."""
+    before = _saved_batch(checkpoint, saved)
+    if before is None or before[2] == num_processes:
+        return
+    batch, accumulation, processes = before
+    raise UserError(
+        f"cannot resume from {checkpoint}: it was trained on {processes} process(es) x batch "
+        f"{batch} x {accumulation} accumulation = {batch * accumulation * processes} images per "
+        f"step, this run has {num_processes} process(es); set train.batch_size (or "
+        "train.gradient_accumulation_steps) so the images per step stay the same, or pass "
+        "--allow-config-change train.batch_size to resume anyway"
+    )
 
 
 def _same_global_batch(checkpoint: Path, saved: dict, cfg: Config, num_processes: int) -> bool:
