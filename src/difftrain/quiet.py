@@ -9,6 +9,7 @@ we only fill in defaults.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 
@@ -19,6 +20,9 @@ def quiet_third_party(*, libraries_loaded_soon: bool) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # diffusers passes an argument huggingface_hub deprecated; nothing for a user to fix.
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+    # bitsandbytes (imported by peft and diffusers when installed) warns on import about
+    # 4-bit CPU kernels difftrain never uses: one stray line in every run.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if not libraries_loaded_soon:
         return
     with interrupts_held():

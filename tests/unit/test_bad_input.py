@@ -11,6 +11,7 @@ import bad_inputs_data
 import bad_inputs_limits
 import bad_inputs_model
 import bad_inputs_run
+import bad_inputs_sources
 import pytest
 from bad_input_table import make_workspace, run_case, snapshot
 
@@ -19,6 +20,7 @@ CASES = {
     **bad_inputs_data.CASES,
     **bad_inputs_model.CASES,
     **bad_inputs_limits.CASES,
+    **bad_inputs_sources.CASES,
 }
 
 
@@ -48,5 +50,11 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
 
 
 def test_every_case_module_has_cases() -> None:
-    for module in (bad_inputs_run, bad_inputs_data, bad_inputs_model, bad_inputs_limits):
+    for module in (
+        bad_inputs_run,
+        bad_inputs_data,
+        bad_inputs_model,
+        bad_inputs_limits,
+        bad_inputs_sources,
+    ):
         assert module.CASES, module.__name__

@@ -174,5 +174,88 @@ def test_a_dataset_row_without_an_image_is_one_line(tmp_path: Path, capsys) -> N
     config.write_text(f"data: {{dataset: '{tmp_path / 'ds'}'}}\n")
     code = main(["train", "--config", str(config), "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "holds no image" in err[0], err
+    assert code == 2 and len(err) == 1, err
+    assert "data.dataset: cannot read the image of row 0 of" in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_unreadable_member_or_row_names_its_source_item_and_fix(
+    tmp_path: Path, dummy_data_dir: Path
+) -> None:
+    import datasets
+
+    from difftrain.config.schema import DataConfig, SourceConfig
+    from difftrain.data.sources import scan_sources
+    from difftrain.errors import UserError
+
+    (tmp_path / "s").mkdir()
+    with tarfile.open(tmp_path / "s" / "a.tar", "w") as tar:
+        for name, payload in (("x.png", b"garbage"), ("x.txt", b"a caption")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    shards = SourceConfig(shards=str(tmp_path / "s" / "a.tar"))
+    member = (
+        f"cannot read image x.png in shard {tmp_path / 's' / 'a.tar'} (not an image PIL can "
+        "read); fix or remove that member of the shard, or set data.on_bad_image: skip"
+    )
+    messages = []
+    for _ in range(2):
+        with pytest.raises(UserError) as error:
+            scan_sources(DataConfig(shards=shards.shards))
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]  # no memory address: the same text every run
+    assert messages[0].startswith(f"data.shards: {member}")
+    folder = SourceConfig(train_dir=str(dummy_data_dir))
+    with pytest.raises(UserError) as error:
+        scan_sources(DataConfig(sources=[folder, shards]))
+    assert str(error.value).startswith(f"data.sources[1].shards: {member}")
+
+    datasets.disable_progress_bars()
+    table = datasets.Dataset.from_dict({"image": [None], "text": ["a"]})
+    table.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "ds"))
+    rows = SourceConfig(dataset=str(tmp_path / "ds"))
+    with pytest.raises(UserError) as error:
+        scan_sources(DataConfig(sources=[folder, rows]))
+    assert str(error.value).startswith(
+        f"data.sources[1].dataset: cannot read the image of row 0 of {tmp_path / 'ds'} "
+        "(column 'image' holds no image); fix or drop that row, or set data.on_bad_image: skip"
+    )
+
+
+def test_checks_while_reading_a_source_name_its_item(tmp_path: Path, dummy_data_dir: Path) -> None:
+    from difftrain.config.schema import DataConfig, SourceConfig
+    from difftrain.data.sources import scan_sources
+    from difftrain.errors import UserError
+
+    folder = SourceConfig(train_dir=str(dummy_data_dir))
+    gone = tmp_path / "data.shards" / "gone"  # `data.` inside a path is left as it is
+    cases = [
+        (SourceConfig(train_dir=str(gone)), f"train_dir: folder {gone} does not exist"),
+        (SourceConfig(shards=str(tmp_path / "no-{0..1}.tar")), f"shards: {tmp_path}/no-0.tar"),
+        (SourceConfig(dataset=str(tmp_path / "no-ds")), "dataset: cannot open"),
+    ]
+    for broken, message in cases:
+        with pytest.raises(UserError) as error:
+            scan_sources(DataConfig(sources=[folder, broken]))
+        assert str(error.value).startswith(f"data.sources[1].{message}"), error.value
+
+
+def test_an_image_that_fails_only_when_decoded_names_its_shard(tmp_path: Path) -> None:
+    """Decoding happens mid-run (or for data.on_bad_image: skip's list): the line names the
+    shard member and its source key, and holds no in-memory file's address."""
+    from difftrain.data.sources import TarMember
+    from difftrain.data.transforms import load_rgb, oriented_size
+    from difftrain.errors import UserError
+
+    shard = tmp_path / "a.tar"
+    with tarfile.open(shard, "w") as tar:
+        info = tarfile.TarInfo("x.png")
+        info.size = 7
+        tar.addfile(info, io.BytesIO(b"not png"))
+    member = TarMember(shard=shard, offset=512, size=7, name="x.png")
+    for read in (load_rgb, oriented_size):
+        with pytest.raises(UserError) as error:
+            read(member)
+        assert str(error.value).startswith(f"data.shards: cannot read image x.png in shard {shard}")
+        assert "0x" not in str(error.value)

@@ -89,13 +89,16 @@ def open_image(image):
     return image if isinstance(image, (str, Path)) else image.open()
 
 
-def check_image_file(path: Path) -> None:
-    """Fail now, naming the file, if it is not an image or is cut short.
+def check_image_file(path: Path, key: str = "data.train_dir") -> None:
+    """Fail now, naming the image, if it is not an image or is cut short.
 
     PIL's `verify` reads the file without decoding it (about 0.3 ms for a 512 px PNG): it
     catches garbage and truncated PNGs. What it cannot see (a damaged JPEG body) fails when
     the image is decoded, with the same kind of message. Images whose pixel values decide
     whether they can be used (32-bit int and float modes, rare) are decoded now too.
+
+    `key` is the option that names the source (`data.shards`, `data.sources[1].dataset`);
+    an image inside a dataset or shard (data/sources.py) names its row or tar member.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -103,14 +106,33 @@ def check_image_file(path: Path) -> None:
         with refuse_huge_images(path), Image.open(open_image(path)) as image:
             mode = image.mode
             image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(
-            f"data.train_dir: cannot read image {path} ({exc}); replace or remove the file"
-        ) from None
-    if mode in VALUE_CHECKED_MODES:
-        from difftrain.data.transforms import load_rgb
+        if mode in VALUE_CHECKED_MODES:
+            from difftrain.data.transforms import load_rgb
 
-        load_rgb(path)
+            load_rgb(path)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(unreadable_image(path, exc, key)) from None
+    except UserError as exc:  # too many pixels, unusable pixel values: under this key
+        message = str(exc)
+        if message.startswith("data.train_dir:"):
+            message = key + message.removeprefix("data.train_dir")
+        raise UserError(message) from None
+
+
+def unreadable_image(image, exc: BaseException, key: str = "data.train_dir") -> str:
+    """The one-line refusal of an image that cannot be read: a file says to replace it; a
+    dataset row or tar member (whose `unreadable` gives the text) names itself and its fix.
+    PIL's reason is kept, without the repr of an in-memory file (`<_io.BytesIO object at
+    0x7f...>`), which would change from run to run."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        reason = "not an image PIL can read"
+    else:
+        reason = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the image data", str(exc))
+    if isinstance(image, (str, Path)):
+        return f"{key}: cannot read image {image} ({reason}); replace or remove the file"
+    return image.unreadable(key, reason)
 
 
 @contextmanager

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from difftrain.data.folder import open_image, refuse_huge_images
+from difftrain.data.folder import open_image, refuse_huge_images, unreadable_image
 from difftrain.errors import UserError
 
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
@@ -27,9 +27,12 @@ def load_rgb(path: Path) -> Image.Image:
             image.load()
             return to_rgb(ImageOps.exif_transpose(image), path)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(
-            f"data.train_dir: cannot read image {path} ({exc}); replace or remove the file"
-        ) from None
+        raise UserError(_unreadable(path, exc)) from None
+
+
+def _unreadable(path, exc: BaseException) -> str:
+    # A shard member or dataset row names its own source key; a file is data.train_dir's.
+    return unreadable_image(path, exc, getattr(path, "key", "data.train_dir"))
 
 
 def oriented_size(path: Path) -> tuple[int, int]:
@@ -40,9 +43,7 @@ def oriented_size(path: Path) -> tuple[int, int]:
             width, height = image.size
             orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(
-            f"data.train_dir: cannot read image {path} ({exc}); replace or remove the file"
-        ) from None
+        raise UserError(_unreadable(path, exc)) from None
     # Orientations 5-8 turn the image by 90 degrees: its sides swap.
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
