@@ -147,8 +147,8 @@ class HubCache:
     hf_home: Path
     env: dict[str, str]
 
-    def install(self, repo_id: str, folder: Path) -> Path:
-        return lay_into_hub_cache(self.hf_home / "hub", repo_id, folder)
+    def install(self, repo_id: str, folder: Path, kind: str = "models") -> Path:
+        return lay_into_hub_cache(self.hf_home / "hub", repo_id, folder, kind)
 
     def run_python(self, code: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -167,10 +167,11 @@ def hub_cache(tmp_path: Path, builtin_cache: Path) -> HubCache:
     return HubCache(hf_home=hf_home, env=env)
 
 
-def lay_into_hub_cache(hub_dir: Path, repo_id: str, folder: Path) -> Path:
-    """Copy `folder` to `hub_dir/models--ORG--NAME/snapshots/<hash>/` with `refs/main`."""
+def lay_into_hub_cache(hub_dir: Path, repo_id: str, folder: Path, kind: str = "models") -> Path:
+    """Copy `folder` to `hub_dir/KIND--ORG--NAME/snapshots/<hash>/` with `refs/main` (KIND:
+    models or datasets)."""
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = hub_dir / ("models--" + repo_id.replace("/", "--"))
+    repo = hub_dir / (f"{kind}--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / commit
     shutil.copytree(folder, snapshot, dirs_exist_ok=True)
     (repo / "refs").mkdir(parents=True, exist_ok=True)

@@ -259,3 +259,37 @@ def test_an_image_that_fails_only_when_decoded_names_its_shard(tmp_path: Path) -
             read(member)
         assert str(error.value).startswith(f"data.shards: cannot read image x.png in shard {shard}")
         assert "0x" not in str(error.value)
+
+
+def test_a_hub_dataset_id_trains_offline_from_the_hugging_face_cache(
+    tmp_path: Path, dummy_data_dir: Path, hub_cache
+) -> None:
+    """A dataset repository already in the cache (as `hf download --repo-type dataset`
+    leaves it: parquet files under a snapshot) trains by its id with HF_HUB_OFFLINE=1."""
+    import datasets
+
+    from difftrain.training.metrics import read_metrics
+
+    examples = scan_image_folder(dummy_data_dir)
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict(
+        {"image": [str(e.image_path) for e in examples], "text": [e.caption for e in examples]}
+    ).cast_column("image", datasets.Image()).to_parquet(str(repo / "data" / "train.parquet"))
+    hub_cache.install("acme/shapes", repo, kind="datasets")
+    config = tmp_path / "hub.yaml"
+    config.write_text(
+        "model: {pretrained: 'builtin:tiny'}\n"
+        "data: {dataset: acme/shapes, resolution: 64, center_crop: true, random_flip: false}\n"
+        "train: {max_steps: 6, batch_size: 2, learning_rate: 1.0e-3, deterministic: true}\n"
+        "checkpointing: {every_steps: 3}\n"
+    )
+    out = tmp_path / "hub"
+    done = hub_cache.run_python(
+        "import sys; from difftrain.cli import main; "
+        f"sys.exit(main(['train', '--config', {str(config)!r}, '--output-dir', {str(out)!r}]))"
+    )
+    assert done.returncode == 0, done.stderr
+    folder = run(tmp_path, "folder", dummy_data_dir, center_crop=True, random_flip=False)
+    hub_losses = [row["loss"] for row in read_metrics(out / "metrics.jsonl")]
+    assert hub_losses == pytest.approx(folder.losses, rel=1e-5)

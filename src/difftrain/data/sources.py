@@ -152,11 +152,12 @@ def _dataset(source: str, column: str):
         if folder.is_dir():
             loaded = datasets.load_from_disk(str(folder))
         else:
-            loaded = datasets.load_dataset(source, split="train")
+            loaded = _load_hub_dataset(datasets, source)
     except (OSError, ValueError, FileNotFoundError) as exc:
         raise UserError(
             f"data.dataset: cannot open {source!r} ({' '.join(str(exc).split())[:200]}); "
-            "point it at a folder written by save_to_disk or a hub dataset id"
+            "point it at a folder written by save_to_disk or a hub dataset id (offline: one "
+            "already in the Hugging Face cache, e.g. by hf download --repo-type dataset ID)"
         ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
@@ -165,6 +166,22 @@ def _dataset(source: str, column: str):
     if column in loaded.column_names and isinstance(loaded.features[column], datasets.Image):
         loaded = loaded.cast_column(column, datasets.Image(decode=False))
     return loaded
+
+
+def _load_hub_dataset(datasets, repo_id: str):
+    """`datasets`' own download and cache; when the Hub cannot be reached (offline, no
+    network), a snapshot of the repository already in the Hugging Face cache (`hf download
+    --repo-type dataset`) is read as the local folder it is."""
+    try:
+        return datasets.load_dataset(repo_id, split="train")
+    except ConnectionError as unreachable:
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot = snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
+        except Exception:  # not in the cache (or not a repo id): the Hub's error says more
+            raise unreachable from None
+        return datasets.load_dataset(snapshot, split="train")
 
 
 def scan_dataset(
