@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -25,34 +26,110 @@ def save_final_pipeline(
     """Write the base pipeline with the trained denoiser into `output_dir`, in diffusers
     format, as the family's pipeline class.
 
-    The other components are re-read from the base model, so they keep its files and dtype
-    (the run may have cast its copies to half precision); a `model.vae` replacement and
-    dropped components (SD3 without T5) are saved as the run used them. Everything is written
-    beside its final place first and renamed in (`publish_pipeline`), so a crash never leaves
-    a half-written component or a `model_index.json` without its components.
+    The trained denoiser and the run's scheduler (it carries a train.prediction_type override)
+    are serialised; the other components keep the base model's files and dtype (the run may
+    have cast its copies to half precision), copied as they are (`pipeline_files`), or
+    re-read and saved when they cannot be. A `model.vae` replacement and dropped components
+    (SD3 without T5) are saved as the run used them. Everything is written beside its final
+    place first and renamed in (`publish_pipeline`), so a crash never leaves a half-written
+    component or a `model_index.json` without its components.
     """
-    family = components.family
-    replaced = {name: None for name in family.dropped_parts()}
+    staging = Path(tempfile.mkdtemp(prefix=".final.", suffix=TEMP_SUFFIX, dir=output_dir))
+    try:
+        if not _save_changed_parts(components, denoiser, staging):
+            _save_whole_pipeline(components, denoiser, staging)
+        publish_pipeline(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replaced_parts(components: PipelineComponents) -> dict:
+    replaced = {name: None for name in components.family.dropped_parts()}
     if components.vae_source is not None:
         from diffusers import AutoencoderKL
 
         replaced["vae"] = AutoencoderKL.from_pretrained(
             components.vae_source, subfolder=components.vae_subfolder
         )
-    # The run's own scheduler: it carries a train.prediction_type override, if any.
+    return replaced
+
+
+def _save_changed_parts(components: PipelineComponents, denoiser, staging: Path) -> bool:
+    """Serialise what the run changed and copy the rest; False (nothing written) when the
+    base model's files cannot simply be copied."""
+    import diffusers
+
+    from difftrain.training.pipeline_files import copy_components, unchanged_component_files
+
+    family, root = components.family, _local_folder(components)
+    if root is None:
+        return False
+    index = json.loads((root / MODEL_INDEX).read_text(encoding="utf-8"))
+    changed = {family.denoiser, "scheduler", *family.dropped_parts()}
+    if components.vae_source is not None:
+        changed.add("vae")
+    unchanged = [
+        name
+        for name, entry in index.items()
+        if isinstance(entry, list) and entry[0] is not None and name not in changed
+    ]
+    files = unchanged_component_files(root, unchanged)
+    if files is None:
+        return False
+    copy_components(files, staging)
+    saved = {
+        family.denoiser: denoiser,
+        "scheduler": components.inference_scheduler,
+        **_replaced_parts(components),
+    }
+    for name, part in saved.items():
+        if part is None:
+            index[name] = [None, None]
+            continue
+        part.save_pretrained(str(staging / name), **_weights_format(part))
+        index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
+    # What DiffusionPipeline.save_pretrained writes: the class that loads it, this version,
+    # the base model it came from.
+    index.update(
+        _class_name=family.pipeline_class,
+        _diffusers_version=diffusers.__version__,
+        _name_or_path=components.source,
+    )
+    (staging / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return True
+
+
+def _weights_format(part) -> dict:
+    return {"safe_serialization": True} if isinstance(part, torch.nn.Module) else {}
+
+
+def _local_folder(components: PipelineComponents) -> Path | None:
+    """The base model's folder: itself, or a hub id's snapshot in the cache (training
+    loaded it, so it is there)."""
+    if os.path.isabs(components.source):
+        return Path(components.source)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                components.source, revision=components.revision, local_files_only=True
+            )
+        )
+    except (OSError, ValueError):
+        return None
+
+
+def _save_whole_pipeline(components: PipelineComponents, denoiser, staging: Path) -> None:
+    family = components.family
     pipeline = family.pipeline_type().from_pretrained(
         components.source,
         revision=components.revision,
         scheduler=components.inference_scheduler,
         **{family.denoiser: denoiser},
-        **replaced,
+        **_replaced_parts(components),
     )
-    staging = Path(tempfile.mkdtemp(prefix=".final.", suffix=TEMP_SUFFIX, dir=output_dir))
-    try:
-        pipeline.save_pretrained(str(staging), safe_serialization=True)
-        publish_pipeline(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    pipeline.save_pretrained(str(staging), safe_serialization=True)
 
 
 def publish_pipeline(staging: Path, output_dir: Path) -> None:
