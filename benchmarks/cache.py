@@ -7,8 +7,10 @@ filling the cache.
 Each repeat runs difftrain's `train(cfg)` three ways on the same generated images, in
 alternating order: uncached, cached with every entry already built (the steady state of a
 second run), and `difftrain cache build` into an empty cache (timed, reported per 1,000
-images). A run's figure is the median `step_time_s` after the warm-up steps; the table shows
-the median (min, max) over repeats and the ratio cached / uncached measured in this process.
+images). Beside them runs the plain PyTorch loop of `step_time.py` on inputs it encoded once
+before timing (`plain, cached inputs`): the floor a cached step can approach. A run's figure
+is the median `step_time_s` after the warm-up steps; the table shows the median (min, max)
+over repeats and the ratios measured in this process.
 The result is a measurement, not a test: the exit code is 0 whatever the numbers.
 """
 
@@ -24,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_time, beside this file
 
 
 def parse_args(argv):
@@ -63,6 +67,18 @@ def steady_step(cfg, warmup: int) -> float:
     return statistics.median(times[warmup:])
 
 
+def plain_cached_step(cfg, data: Path, warmup: int) -> float:
+    from step_time import time_reference
+
+    from difftrain.models.loading import model_family
+    from difftrain.models.tiny import builtin_model_path
+
+    family = model_family(cfg.model, cfg.train).name
+    model_dir = builtin_model_path(cfg.model.pretrained.removeprefix("builtin:"))
+    times = time_reference(cfg, family, model_dir, data, cached_inputs=True)
+    return statistics.median(times[warmup:])
+
+
 def build_seconds(cfg) -> float:
     from difftrain.cache_command import build
 
@@ -95,29 +111,36 @@ def main(argv=None) -> int:
         data = make_dummy_imagefolder(work / "data", args.images, args.resolution)
         warm = work / "warm-cache"
         build_seconds(config(args, data, work / "warm", warm))  # the steady state's entries
-        rows: dict[str, list[float]] = {"uncached": [], "cached": [], "build_per_1000": []}
+        rows: dict[str, list[float]] = {"uncached": [], "cached": [], "plain": [],
+                                        "build_per_1000": []}  # fmt: skip
         for repeat in range(args.repeats):
-            runs = ["uncached", "cached"] if repeat % 2 == 0 else ["cached", "uncached"]
-            for name in runs:
+            runs = ["uncached", "cached", "plain"]
+            for name in runs if repeat % 2 == 0 else reversed(runs):
                 cache = warm if name == "cached" else None
                 cfg = config(args, data, work / f"{name}-{repeat}", cache)
-                rows[name].append(steady_step(cfg, args.warmup))
+                if name == "plain":
+                    rows[name].append(plain_cached_step(cfg, data, args.warmup))
+                else:
+                    rows[name].append(steady_step(cfg, args.warmup))
             empty = work / f"empty-{repeat}"
             seconds = build_seconds(config(args, data, work / f"build-{repeat}", empty))
             rows["build_per_1000"].append(seconds / args.images * 1000)
             shutil.rmtree(empty, ignore_errors=True)
             print(f"  repeat {repeat + 1}: uncached {rows['uncached'][-1]:.4f} s, cached "
-                  f"{rows['cached'][-1]:.4f} s, build {seconds:.2f} s", flush=True)  # fmt: skip
+                  f"{rows['cached'][-1]:.4f} s, plain cached {rows['plain'][-1]:.4f} s, "
+                  f"build {seconds:.2f} s", flush=True)  # fmt: skip
     median = statistics.median
     print(f"\nbuiltin:{args.model}, {args.resolution} px, batch {args.batch_size}, "
           f"{args.images} images")  # fmt: skip
     print(f"{'':<28}{'median':>9}{'min':>9}{'max':>9}")
     for name, values in rows.items():
         label = {"uncached": "uncached s/step", "cached": "cached s/step",
+                 "plain": "plain, cached inputs s/step",
                  "build_per_1000": "cache build s / 1000 images"}[name]  # fmt: skip
         print(f"{label:<28}{median(values):>9.4f}{min(values):>9.4f}{max(values):>9.4f}")
-    ratio = median(rows["cached"]) / median(rows["uncached"])
-    print(f"{'ratio cached / uncached':<28}{ratio:>9.3f}")
+    for label, top, bottom in [("ratio cached / uncached", "cached", "uncached"),
+                               ("ratio cached / plain cached", "cached", "plain")]:  # fmt: skip
+        print(f"{label:<28}{median(rows[top]) / median(rows[bottom]):>9.3f}")
     return 0
 
 

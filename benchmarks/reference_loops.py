@@ -4,7 +4,9 @@ against. Imported by step_time.py; not run on its own.
 Each step is written out with diffusers / transformers / torch only (no difftrain code), the
 way diffusers' own training scripts do it: encode images and captions, draw noise and
 timesteps, one denoiser forward and backward, AdamW with clipping. `load(family, folder)`
-returns the models and a `step(batch)` closure that computes the loss.
+returns the models and two closures: `encode(batch)` (latents and text conditioning, no
+gradient) and `denoise(inputs)` (noise, timesteps, the denoiser's loss), so a loop can also
+run on inputs it encoded once (the plain loop's "cache").
 """
 
 from __future__ import annotations
@@ -29,8 +31,13 @@ T5_LENGTH = {"sd3": 256, "flux": 512}
 class Reference:
     tokenizers: dict[str, Any]
     denoiser: torch.nn.Module
-    loss: Any
-    """batch -> loss tensor."""
+    encode: Any
+    """batch -> dict of tensors (batch on dim 0): latents and text conditioning."""
+    denoise: Any
+    """encoded inputs -> loss tensor."""
+
+    def loss(self, batch) -> torch.Tensor:
+        return self.denoise(self.encode(batch))
 
 
 def _component(folder: str, name: str, index: dict):
@@ -61,7 +68,7 @@ def load(family: str, model_dir: Path) -> Reference:
     denoiser.train()
     tokenizers = {name: parts[name] for name in TOKENIZERS[family]}
     builders = {"sd": _sd_loss, "sdxl": _sdxl_loss, "sd3": _sd3_loss, "flux": _flux_loss}
-    return Reference(tokenizers, denoiser, builders[family](folder, parts))
+    return Reference(tokenizers, denoiser, *builders[family](folder, parts))
 
 
 def tokenize(family: str, tokenizers: dict, caption: str) -> dict[str, torch.Tensor]:
@@ -89,13 +96,17 @@ def _sd_loss(folder, parts):
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     vae, text_encoder, unet = parts["vae"], parts["text_encoder"], parts["unet"]
 
-    def loss(batch):
-        latents = _latents(vae, batch["pixel_values"])
+    def encode(batch):
         with torch.no_grad():
             embeddings = text_encoder(batch["tokenizer"], return_dict=False)[0]
-        return _ddpm_loss(scheduler, latents, lambda noisy, t: unet(noisy, t, embeddings)[0])
+        return {"latents": _latents(vae, batch["pixel_values"]), "embeddings": embeddings}
 
-    return loss
+    def denoise(inputs):
+        return _ddpm_loss(
+            scheduler, inputs["latents"], lambda noisy, t: unet(noisy, t, inputs["embeddings"])[0]
+        )
+
+    return encode, denoise
 
 
 def _ddpm_loss(scheduler, latents, predict):
@@ -123,19 +134,22 @@ def _sdxl_loss(folder, parts):
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     vae, unet = parts["vae"], parts["unet"]
 
-    def loss(batch):
-        latents = _latents(vae, batch["pixel_values"])
+    def encode(batch):
         embeddings, second = _two_clips(parts, batch)
         size = batch["pixel_values"].shape[-1]
         # Square images used whole: original size = target size, crop at (0, 0).
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * latents.shape[0])
-        added = {"text_embeds": second.text_embeds, "time_ids": time_ids.to(embeddings.dtype)}
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * embeddings.shape[0])
+        return {"latents": _latents(vae, batch["pixel_values"]), "embeddings": embeddings,
+                "text_embeds": second.text_embeds, "time_ids": time_ids.to(embeddings.dtype)}  # fmt: skip
+
+    def denoise(inputs):
+        added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
         return _ddpm_loss(
-            scheduler, latents,
-            lambda noisy, t: unet(noisy, t, embeddings, added_cond_kwargs=added)[0],
+            scheduler, inputs["latents"],
+            lambda noisy, t: unet(noisy, t, inputs["embeddings"], added_cond_kwargs=added)[0],
         )  # fmt: skip
 
-    return loss
+    return encode, denoise
 
 
 def _flow_inputs(scheduler, latents):
@@ -156,22 +170,26 @@ def _sd3_loss(folder, parts):
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
     vae, transformer = parts["vae"], parts["transformer"]
 
-    def loss(batch):
-        latents = _latents(vae, batch["pixel_values"])
+    def encode(batch):
         clip, second, first = _two_clips(parts, batch, with_first=True)
         with torch.no_grad():
             t5 = parts["text_encoder_3"](batch["tokenizer_3"])[0]
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        embeddings = torch.cat([clip, t5], dim=-2)
-        pooled = torch.cat([first.text_embeds, second.text_embeds], dim=-1)
-        noisy, timesteps, target = _flow_inputs(scheduler, latents)
+        return {
+            "latents": _latents(vae, batch["pixel_values"]),
+            "embeddings": torch.cat([clip, t5], dim=-2),
+            "pooled": torch.cat([first.text_embeds, second.text_embeds], dim=-1),
+        }
+
+    def denoise(inputs):
+        noisy, timesteps, target = _flow_inputs(scheduler, inputs["latents"])
         prediction = transformer(
-            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeddings,
-            pooled_projections=pooled, return_dict=False,
+            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=inputs["embeddings"],
+            pooled_projections=inputs["pooled"], return_dict=False,
         )[0]  # fmt: skip
         return F.mse_loss(prediction.float(), target.float())
 
-    return loss
+    return encode, denoise
 
 
 def _flux_loss(folder, parts):
@@ -180,12 +198,16 @@ def _flux_loss(folder, parts):
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
     vae, transformer = parts["vae"], parts["transformer"]
 
-    def loss(batch):
-        latents = _latents(vae, batch["pixel_values"])
+    def encode(batch):
         with torch.no_grad():
             pooled = parts["text_encoder"](batch["tokenizer"]).pooler_output
             embeddings = parts["text_encoder_2"](batch["tokenizer_2"])[0]
-        noisy, timesteps, target = _flow_inputs(scheduler, latents)
+        latents = _latents(vae, batch["pixel_values"])
+        return {"latents": latents, "pooled": pooled, "embeddings": embeddings}
+
+    def denoise(inputs):
+        pooled, embeddings = inputs["pooled"], inputs["embeddings"]
+        noisy, timesteps, target = _flow_inputs(scheduler, inputs["latents"])
         b, c, h, w = noisy.shape
         packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
         image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", noisy.dtype)
@@ -202,4 +224,4 @@ def _flux_loss(folder, parts):
         prediction = prediction.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return F.mse_loss(prediction.reshape(b, c, h, w).float(), target.float())
 
-    return loss
+    return encode, denoise

@@ -144,8 +144,14 @@ def endless(loader):
         yield from loader
 
 
-def time_reference(cfg, family: str, model_dir: Path, data_dir: Path) -> list[float]:
-    """The same step as difftrain's, written out with diffusers / torch only; seconds per step."""
+def time_reference(
+    cfg, family: str, model_dir: Path, data_dir: Path, cached_inputs: bool = False
+) -> list[float]:
+    """The same step as difftrain's, written out with diffusers / torch only; seconds per step.
+
+    With `cached_inputs`, every batch is encoded once before the clock starts and the steps
+    run on those tensors: the floor a cached difftrain step is compared with.
+    """
     import torch
 
     torch.manual_seed(cfg.train.seed)
@@ -162,11 +168,15 @@ def time_reference(cfg, family: str, model_dir: Path, data_dir: Path) -> list[fl
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=train.batch_size, shuffle=True, drop_last=True
     )
+    step = reference.loss
+    if cached_inputs:
+        loader = [reference.encode(batch) for batch in loader]
+        step = reference.denoise
     batches = endless(loader)
     times = []
     for _ in range(train.max_steps):
         started = time.perf_counter()  # Before the data fetch, as difftrain's step_time_s.
-        loss = reference.loss(next(batches))
+        loss = step(next(batches))
         loss.backward()
         if train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(reference.denoiser.parameters(), train.max_grad_norm)
