@@ -139,8 +139,12 @@ def _sdxl_loss(folder, parts):
         size = batch["pixel_values"].shape[-1]
         # Square images used whole: original size = target size, crop at (0, 0).
         time_ids = torch.tensor([[size, size, 0, 0, size, size]] * embeddings.shape[0])
-        return {"latents": _latents(vae, batch["pixel_values"]), "embeddings": embeddings,
-                "text_embeds": second.text_embeds, "time_ids": time_ids.to(embeddings.dtype)}  # fmt: skip
+        return {
+            "latents": _latents(vae, batch["pixel_values"]),
+            "embeddings": embeddings,
+            "text_embeds": second.text_embeds,
+            "time_ids": time_ids.to(embeddings.dtype),
+        }
 
     def denoise(inputs):
         added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}

@@ -163,6 +163,7 @@ def time_reference(
         betas=(train.adam_beta1, train.adam_beta2),
         weight_decay=train.adam_weight_decay,
         eps=train.adam_epsilon,
+        fused=True,  # torch's fastest AdamW here, as difftrain picks: the loops differ elsewhere
     )
     dataset = ImageCaptionDataset(data_dir, family, reference.tokenizers, cfg.data.resolution)
     loader = torch.utils.data.DataLoader(

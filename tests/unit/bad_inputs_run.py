@@ -32,6 +32,14 @@ def _wrong_type(ws: Workspace) -> Case:
     )
 
 
+def _two_optimizers(ws: Workspace) -> Case:
+    config = ws.data_config("o", "train: {optimizer: prodigy, use_8bit_adam: true}\n")
+    return Case(
+        ["train", "--config", config, *ws.out],
+        "train.use_8bit_adam: true asks for adamw_8bit but train.optimizer is prodigy",
+    )
+
+
 def _resolution(ws: Workspace) -> Case:
     return Case(
         ["validate-config", "--config", ws.data_config("r"), "--set", "data.resolution=60"],
@@ -325,6 +333,7 @@ def _linked_lock(ws: Workspace) -> Case:
 
 
 CASES = {
+    "config: two optimizers": _two_optimizers,
     "config: missing file": _missing_config,
     "config: invalid YAML": _invalid_yaml,
     "config: unknown key": _unknown_key,

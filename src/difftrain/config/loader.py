@@ -124,6 +124,9 @@ def _refuse_lora_keys_without_lora(raw: dict[str, Any], cfg: Config, source: str
 
 def _check_combinations(cfg: Config, source: str | None) -> None:
     """Keys that are fine alone but not together."""
+    from difftrain.config.optimizer import optimizer_name
+
+    optimizer_name(cfg.train, source)
     _check_one_source(cfg.data, "data.", source, allow_list=True)
     for index, entry in enumerate(cfg.data.sources):
         _check_one_source(entry, f"data.sources[{index}].", source, allow_list=False)

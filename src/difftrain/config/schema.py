@@ -217,8 +217,14 @@ class TrainConfig:
     gradient_accumulation_steps: int = _checked(1, _positive)
     """Forward passes whose gradients are summed into one optimizer step."""
 
+    optimizer: Literal["adamw", "adamw_8bit", "prodigy"] = "adamw"
+    """`adamw` (torch's AdamW, with its fused kernel where torch has one), `adamw_8bit`
+    (bitsandbytes' 8-bit AdamW, a quarter of the state memory: `pip install bitsandbytes`) or
+    `prodigy` (Prodigy, which estimates the learning rate itself: `pip install prodigyopt`, and
+    set `learning_rate: 1.0`). All three take the adam_* keys."""
+
     learning_rate: float = _checked(1e-5, _positive)
-    """Peak learning rate of AdamW."""
+    """Peak learning rate; for prodigy, a factor on the rate it estimates (1.0 is usual)."""
 
     lr_scheduler: LRScheduler = "constant"
     """Learning-rate schedule after warmup (diffusers' `get_scheduler` names)."""
@@ -249,7 +255,7 @@ class TrainConfig:
     are gathered into the ordinary formats. See docs/distributed.md."""
 
     use_8bit_adam: bool = False
-    """bitsandbytes' 8-bit AdamW (needs `pip install bitsandbytes` and a CUDA GPU)."""
+    """Deprecated: true is `optimizer: adamw_8bit` (refused beside another optimizer)."""
 
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """Train for this parameterisation instead of the scheduler's own; the saved pipeline's
