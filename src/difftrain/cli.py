@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -321,15 +322,19 @@ def _process_rank() -> int:
 def run(argv: list[str] | None = None) -> None:
     """The `difftrain` command: `main`, then exit with its code.
 
-    After a Ctrl-C, the exit is immediate (`os._exit(130)`): CPython otherwise re-raises
-    SIGINT at shutdown when the interrupt landed inside certain library imports, and the
-    process would die by the signal, whatever `main` returned.
+    Once torch is loaded, or after a Ctrl-C, the exit is immediate (`os._exit`):
+    - with torch, diffusers and transformers imported, the interpreter's own shutdown (tearing
+      down thousands of modules and the objects they hold) takes about a second, and every
+      file a command writes is closed before `main` returns;
+    - CPython re-raises SIGINT at shutdown when an interrupt landed inside certain library
+      imports, and the process would die by the signal, whatever `main` returned.
     """
     code = main(argv)
-    if code == 130:
+    if code == 130 or "torch" in sys.modules:
+        logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(code)
     sys.exit(code)
 
 
