@@ -56,6 +56,9 @@ class PipelineComponents:
     """Where in `vae_source` the VAE is (`vae` when it is a whole pipeline)."""
     device: Any = "cpu"
     """Where the run computes (set once the models are placed)."""
+    residency: Any = None
+    """An `EncoderResidency` when the VAE and text encoders are released while the cache
+    answers for them (training/encoder_residency.py); None keeps them loaded."""
 
     @property
     def denoiser(self) -> Any:
@@ -196,8 +199,11 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def load_components(cfg: ModelConfig, family: ModelFamily | None = None) -> PipelineComponents:
-    """Load the family's tokenizers, text encoders, VAE and denoiser, and its schedulers.
+def load_components(
+    cfg: ModelConfig, family: ModelFamily | None = None, *, only: tuple[str, ...] = ()
+) -> PipelineComponents:
+    """Load the family's tokenizers, text encoders, VAE and denoiser, and its schedulers
+    (with `only`, just those components).
 
     Each component loads with the class its `model_index.json` entry names (checked to be
     diffusers' or transformers' own by the pre-flight).
@@ -230,6 +236,8 @@ def load_components(cfg: ModelConfig, family: ModelFamily | None = None) -> Pipe
     index = load(diffusers.DiffusionPipeline.load_config, None)
     parts: dict[str, Any] = {}
     for name in family.parts_to_load():
+        if only and name not in only:
+            continue
         cls = component_class(index, name, where)
         if name in family.tokenizers:
             parts[name] = load(cls.from_pretrained, name)
@@ -238,7 +246,7 @@ def load_components(cfg: ModelConfig, family: ModelFamily | None = None) -> Pipe
         parts[name] = load(cls.from_pretrained, name, use_safetensors=only_safetensors)
         refuse_missing_weights(parts[name], where, name)
     vae_source = vae_subfolder = None
-    if cfg.vae is not None:
+    if cfg.vae is not None and (not only or "vae" in only):
         vae_source, vae_subfolder, _ = check_vae_source(cfg.vae)
         parts["vae"] = load(diffusers.AutoencoderKL.from_pretrained, vae_subfolder, vae_source)
         refuse_missing_weights(parts["vae"], f"model.vae: {cfg.vae}", "vae")

@@ -21,6 +21,7 @@ import torch
 from difftrain.data.cache import TensorCache, default_cache_dir, entry_key, weights_hash
 from difftrain.data.dataset import LatentKeys
 from difftrain.models.latents import LatentPosterior, encode_posterior
+from difftrain.training.encoder_residency import encoders_loaded
 
 logger = logging.getLogger("difftrain")
 
@@ -72,23 +73,24 @@ class InputCache:
         rows = [self.cache.get("latent", key) for key in keys]
         missing = [i for i, row in enumerate(rows) if row is None]
         if missing:
-            pixels = torch.stack(
-                [
-                    self.dataset.pixels(
-                        int(batch["sample_index"][i]), int(batch["augment_seed"][i])
-                    )
-                    for i in missing
-                ]
-            ).to(self.components.device)
-            computed = self.store_latents([keys[i] for i in missing], pixels)
-            for row, i in zip(computed, missing, strict=True):
-                rows[i] = row
+            with encoders_loaded(self.components, keep=True):
+                rows = self._fill_latents(batch, keys, rows, missing)
         self._count("latent", len(keys), len(missing))
         device = self.components.device
         return LatentPosterior(
             mean=torch.stack([row["mean"] for row in rows]).to(device),
             std=torch.stack([row["std"] for row in rows]).to(device),
         )
+
+    def _fill_latents(self, batch: dict, keys: list[str], rows: list, missing: list[int]):
+        positions = [
+            (int(batch["sample_index"][i]), int(batch["augment_seed"][i])) for i in missing
+        ]
+        pixels = torch.stack([self.dataset.pixels(*position) for position in positions])
+        computed = self.store_latents([keys[i] for i in missing], pixels.to(self.components.device))
+        for row, i in zip(computed, missing, strict=True):
+            rows[i] = row
+        return rows
 
     def store_latents(self, keys: list[str], pixels: torch.Tensor) -> list[dict]:
         """Encode `pixels` (one VAE batch) and store each row's posterior under its key."""
@@ -116,7 +118,7 @@ class InputCache:
         if missing:
             picked = torch.tensor(missing)
             sub_batch = {name: batch[name][picked] for name in names}
-            with torch.no_grad():
+            with torch.no_grad(), encoders_loaded(components, keep=True):
                 computed = components.family.encode_prompts(
                     components.parts, sub_batch, components.device
                 )

@@ -5,6 +5,8 @@ optimizer and accelerate see the models; nothing here names a model family.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from difftrain.config import Config
@@ -68,6 +70,31 @@ def freeze_for_encoding(components, cfg: Config, device, weight_dtype: torch.dty
         model.requires_grad_(False)
         _to(model, device, vae_dtype if model is components.vae else weight_dtype)
         model.eval()
+
+
+def release_encoders(
+    components, cfg: Config, cached, trained_text: dict, device, weight_dtype: torch.dtype
+) -> None:
+    """With both caches on and no text encoder training, free the VAE and text encoders until
+    something needs them (`EncoderResidency`); they come back from the model's files, placed
+    as `prepare_models` placed them."""
+    if cached is None or not (cached.latents and cached.text) or trained_text:
+        return
+    from difftrain.models.loading import load_components
+    from difftrain.training.encoder_residency import EncoderResidency
+
+    names = ["vae", *components.text_encoders]
+
+    def reload() -> dict:
+        loaded = load_components(cfg.model, components.family, only=tuple(names))
+        freeze_for_encoding(loaded, cfg, device, weight_dtype)
+        return {name: loaded.parts[name] for name in names}
+
+    components.residency = EncoderResidency(components.parts, names, reload)
+    components.residency.release()
+    logging.getLogger("difftrain").info(
+        "VAE and text encoders released from memory while the cache answers for them"
+    )
 
 
 def build_ema(cfg: EmaConfig, denoiser, device):

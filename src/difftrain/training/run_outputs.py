@@ -38,18 +38,24 @@ class RunOutputs:
             return
         denoiser = self.whole_denoiser() if self.fsdp else None  # gathered by every process
         if self.accelerator.is_main_process:
-            from difftrain.training.outputs import save_validation_grid
+            from difftrain.training.encoder_residency import encoders_loaded
 
-            unwrap = self.accelerator.unwrap_model
-            denoiser = denoiser if denoiser is not None else unwrap(self.denoiser)
-            parts = {
-                name: unwrap(part) if isinstance(part, torch.nn.Module) else part
-                for name, part in self.components.parts.items()
-            }
-            with self.final_weights(denoiser):
-                path = save_validation_grid(self.components, parts, denoiser, self.cfg, step)
-            self.last_grid = path
-            logger.info("saved validation samples %s", path)
+            with encoders_loaded(self.components):
+                self._save_grid(denoiser, step)
+
+    def _save_grid(self, denoiser, step: int) -> None:
+        from difftrain.training.outputs import save_validation_grid
+
+        unwrap = self.accelerator.unwrap_model
+        denoiser = denoiser if denoiser is not None else unwrap(self.denoiser)
+        parts = {
+            name: unwrap(part) if isinstance(part, torch.nn.Module) else part
+            for name, part in self.components.parts.items()
+        }
+        with self.final_weights(denoiser):
+            path = save_validation_grid(self.components, parts, denoiser, self.cfg, step)
+        self.last_grid = path
+        logger.info("saved validation samples %s", path)
 
     @contextmanager
     def final_weights(self, denoiser) -> Iterator[None]:

@@ -36,8 +36,15 @@ from difftrain.training.distributed import (
     run_on_main,
     sum_over_processes,
 )
+from difftrain.training.encoder_residency import step_done
 from difftrain.training.loss import diffusion_loss
-from difftrain.training.model_setup import DTYPES, build_ema, prepare_models, run_objective
+from difftrain.training.model_setup import (
+    DTYPES,
+    build_ema,
+    prepare_models,
+    release_encoders,
+    run_objective,
+)
 from difftrain.training.optim import build_lr_scheduler, build_optimizer
 from difftrain.training.preflight import check_inputs, check_precision
 from difftrain.training.resume import continue_in_place
@@ -52,10 +59,7 @@ from difftrain.training.run_logging import (
 from difftrain.training.run_outputs import RunOutputs
 from difftrain.training.sharding import norm_value, shard_denoiser
 from difftrain.training.signals import startup_interrupts, stop_signals
-from difftrain.training.state import (
-    TrainingProgress,
-    TrainingState,
-)
+from difftrain.training.state import TrainingProgress, TrainingState
 from difftrain.training.tracking import NullTracker, build_tracker, shows_progress_bar
 
 logger = logging.getLogger("difftrain")
@@ -214,6 +218,7 @@ class TrainingRun(RunCheckpoints, RunOutputs):
         )  # fmt: skip
         if self.cached is not None:
             self.cached.dataset = self.dataset
+        release_encoders(components, cfg, self.cached, trained_text, self.device, self.weight_dtype)
         self.progress = TrainingProgress()
         trained = [denoiser, *trained_text.values()]
         params = [p for model in trained for p in model.parameters() if p.requires_grad]
@@ -292,6 +297,7 @@ class TrainingRun(RunCheckpoints, RunOutputs):
             self._log_step(result, val_loss, step_started, started)
             checkpointed = self._maybe_checkpoint()
             self._maybe_validate()
+            step_done(components=self.components)
             # Every process must stop after the same step (they meet in the checkpoint), so a
             # signal seen by any of them is shared first. After the last step, just finish.
             if stop_signals:

@@ -21,6 +21,7 @@ from difftrain.data.sampler import SampleKey
 from difftrain.errors import UserError
 from difftrain.models.latents import encode_latents
 from difftrain.seeds import generator as seeded_generator
+from difftrain.training.encoder_residency import encoders_loaded
 from difftrain.training.loss import SampleDraws, denoising_loss
 from difftrain.training.modes import eval_mode
 
@@ -69,9 +70,13 @@ class ValidationLoss:
         total, count = self.partial_sums(denoiser)
         return total / count
 
-    @torch.no_grad()
     def partial_sums(self, denoiser) -> tuple[float, int]:
         """(sum of losses, number of (image, timestep) pairs) over this process's images."""
+        with encoders_loaded(self.components):  # released while the cache answers for them
+            return self._partial_sums(denoiser)
+
+    @torch.no_grad()
+    def _partial_sums(self, denoiser) -> tuple[float, int]:
         components, objective = self.components, self.objective
         device = components.device
         # The unwrapped encoders: a DDP wrapper's forward is a collective, and processes with
