@@ -143,6 +143,12 @@ def _check_combinations(cfg: Config, source: str | None) -> None:
             "replicate); turn off train.fsdp, or lora.enabled / ema.enabled",
             source,
         )
+    if cfg.train.fsdp and cfg.train.compile:
+        raise ConfigError(
+            "train.compile",
+            "is not checked with train.fsdp's sharded denoiser yet; turn one of them off",
+            source,
+        )
     if cfg.data.cache_latents and not cfg.data.center_crop:
         raise ConfigError(
             "data.cache_latents",

@@ -249,6 +249,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute UNet activations in the backward pass: less memory, about 20-30% slower."""
 
+    compile: bool = False
+    """Compile the denoiser's forward with torch.compile (in place: checkpoints keep their keys).
+    The compile happens in the first step (minutes on a CPU); the CPU needs a C++ compiler."""
+
     fsdp: bool = False
     """Shard a full fine-tune's UNet weights, gradients and optimizer state over the processes
     with FSDP2 (on several processes; not with LoRA or EMA). Checkpoints and the final pipeline

@@ -12,6 +12,7 @@ import torch
 from difftrain.config import Config
 from difftrain.config.schema import EmaConfig, TrainConfig
 from difftrain.diffusion.flow import TIMESTEP_SAMPLING_DEFAULTS
+from difftrain.training.compile import compile_denoiser
 from difftrain.training.objective import LossSettings, build_objective
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -49,6 +50,7 @@ def prepare_models(components, cfg: Config, device, weight_dtype: torch.dtype) -
             text_encoder.gradient_checkpointing_enable()
     for model in [denoiser, *trained_text.values()]:
         model.train()
+    compile_denoiser(denoiser, cfg.train.compile)
     return trained_text
 
 

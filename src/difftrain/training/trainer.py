@@ -27,6 +27,7 @@ from difftrain.errors import TrainingStopped
 from difftrain.models.loading import PipelineComponents, load_components
 from difftrain.models.sample_dropout import keyed_by
 from difftrain.training.cached_inputs import build_input_cache
+from difftrain.training.compile import check_compile_supported, note_compile_time
 from difftrain.training.determinism import configure_determinism, seed_everything
 from difftrain.training.distributed import (
     make_accelerator,
@@ -95,6 +96,8 @@ def _train(cfg: Config, overwrite: bool, allow_config_change, interrupted) -> Tr
     check_precision(cfg.train.mixed_precision)
     configure_determinism(cfg.train.deterministic)
     accelerator = make_accelerator(cfg)
+    if cfg.train.compile:  # refused before the output folder is claimed
+        check_compile_supported(accelerator.device)
     main = accelerator.is_main_process
     lock = tracker = None
     log_handlers: list[logging.Handler] = []
@@ -406,6 +409,7 @@ class TrainingRun(RunCheckpoints, RunOutputs):
         }
         if val_loss is not None:
             record["val_loss"] = val_loss
+        note_compile_time(record)  # the first step compiles (train.compile)
         self.tracker.log(record)
         line = f"step {step}/{self.cfg.train.max_steps} loss {loss:.6f} lr {lr:.3e}"
         line += f" val_loss {val_loss:.6f}" if val_loss is not None else ""
