@@ -230,7 +230,9 @@ def test_prediction_type_override_reaches_the_saved_scheduler(
     )
     scheduler = json.loads((result.output_dir / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"
-    assert "v_prediction prediction" in (result.output_dir / "logs" / "train.log").read_text()
+    log = (result.output_dir / "logs" / "train.log").read_text()
+    assert "v_prediction prediction" in log
+    assert "images per step, cpu, torch AdamW (fused))" in log  # the run's one summary line
 
 
 def test_8bit_adam_without_bitsandbytes_is_a_clear_error(

@@ -62,8 +62,22 @@ def build_optimizer(
     if name == "prodigy":
         return _prodigy(params, hyper)
     kernel = adamw_implementation(params, grad_scaler=cfg.mixed_precision == "fp16")
-    logger.info("optimizer: torch AdamW (%s)", kernel)
-    return torch.optim.AdamW(params, **hyper, **{kernel: True})
+    return _described(
+        torch.optim.AdamW(params, **hyper, **{kernel: True}), f"torch AdamW ({kernel})"
+    )
+
+
+def _described(optimizer: torch.optim.Optimizer, text: str) -> torch.optim.Optimizer:
+    # Said in the run's "training N steps ..." line: a line logged now would stand before the
+    # one-line refusals that start-up can still give (a resume, the validation settings).
+    optimizer.description = text
+    return optimizer
+
+
+def describe_optimizer(optimizer) -> str:
+    """What `build_optimizer` built, e.g. "torch AdamW (fused)" (unwrapping accelerate's)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return getattr(inner, "description", type(inner).__name__)
 
 
 def _adamw_8bit(cfg: TrainConfig, params: list, hyper: dict) -> torch.optim.Optimizer:
@@ -81,8 +95,8 @@ def _adamw_8bit(cfg: TrainConfig, params: list, hyper: dict) -> torch.optim.Opti
         ) from None
     if any(p.device.type == "cpu" for p in params):
         _check_8bit_runs_on_cpu(bitsandbytes, key, off)
-    logger.info("optimizer: bitsandbytes AdamW8bit %s", bitsandbytes.__version__)
-    return bitsandbytes.optim.AdamW8bit(params, **hyper)
+    optimizer = bitsandbytes.optim.AdamW8bit(params, **hyper)
+    return _described(optimizer, f"bitsandbytes AdamW8bit {bitsandbytes.__version__}")
 
 
 def _check_8bit_runs_on_cpu(bitsandbytes, key: str, off: str) -> None:
@@ -116,9 +130,9 @@ def _prodigy(params: list, hyper: dict) -> torch.optim.Optimizer:
             "smaller rate is meant",
             hyper["lr"],
         )
-    logger.info("optimizer: Prodigy (train.learning_rate %g scales its rate)", hyper["lr"])
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay"
-        return Prodigy(params, **hyper, use_bias_correction=True, safeguard_warmup=True)
+        optimizer = Prodigy(params, **hyper, use_bias_correction=True, safeguard_warmup=True)
+    return _described(optimizer, f"Prodigy (train.learning_rate {hyper['lr']:g} scales its rate)")
 
 
 def build_lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):

@@ -46,7 +46,7 @@ from difftrain.training.model_setup import (
     release_encoders,
     run_objective,
 )
-from difftrain.training.optim import build_lr_scheduler, build_optimizer
+from difftrain.training.optim import build_lr_scheduler, build_optimizer, describe_optimizer
 from difftrain.training.preflight import check_inputs, check_precision
 from difftrain.training.resume import continue_in_place
 from difftrain.training.run_checkpoints import RunCheckpoints
@@ -273,11 +273,12 @@ class TrainingRun(RunCheckpoints, RunOutputs):
         processes = self.accelerator.num_processes
         logger.info(
             "training %d steps on %d images (%s, %s family, %s prediction, batch %d x %d "
-            "accumulation x %d process%s = %d images per step, %s)",
+            "accumulation x %d process%s = %d images per step, %s, %s)",
             cfg.max_steps, len(self.dataset), self.components.source, self.family.name,
             self.objective.prediction_type, cfg.batch_size, cfg.gradient_accumulation_steps,
             processes, "" if processes == 1 else "es",
             cfg.batch_size * cfg.gradient_accumulation_steps * processes, self.device,
+            describe_optimizer(self.optimizer),
         )  # fmt: skip
         batches = iter(
             build_dataloader(
