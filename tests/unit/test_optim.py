@@ -251,3 +251,13 @@ def test_prodigy_without_prodigyopt_is_one_clear_line(monkeypatch) -> None:
         UserError, match=r"^train.optimizer: prodigy needs the prodigyopt package \(pip install"
     ):
         build_optimizer(train_cfg(optimizer="prodigy"), small_model().parameters())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "prodigy"])
+def test_optimizers_other_than_adamw_are_refused_with_fsdp(optimizer: str) -> None:
+    from difftrain.config import config_from_dict
+
+    with pytest.raises(ConfigError, match=f"train.optimizer: {optimizer} is not checked with"):
+        config_from_dict(
+            {"data": {"train_dir": "x"}, "train": {"optimizer": optimizer, "fsdp": True}}
+        )

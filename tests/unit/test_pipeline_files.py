@@ -128,3 +128,28 @@ def test_a_hub_snapshot_copies_through_its_blob_links(
     save_final_pipeline(components, components.denoiser, out)
     assert saved == ["UNet2DConditionModel"]
     assert not (out / "vae" / "diffusion_pytorch_model.safetensors").is_symlink()
+
+
+def test_a_component_whose_weights_are_not_all_there_is_not_copied(tmp_path: Path) -> None:
+    """A hub snapshot holds only what training loaded: a component it never loaded (SD's
+    safety checker) may be there as its config alone, and must then be loaded the slow way."""
+    from difftrain.training.pipeline_files import unchanged_component_files
+
+    root = tmp_path / "model"
+    for name, files in {
+        "tokenizer": {"tokenizer_config.json": "{}", "vocab.json": "{}", "merges.txt": ""},
+        "safety_checker": {"config.json": "{}"},
+        "text_encoder": {"config.json": "{}", "model.safetensors.index.json": json.dumps(
+            {"weight_map": {"a": "model-00001-of-00002.safetensors",
+                            "b": "model-00002-of-00002.safetensors"}})},
+    }.items():  # fmt: skip
+        (root / name).mkdir(parents=True)
+        for file, text in files.items():
+            (root / name / file).write_text(text)
+    assert unchanged_component_files(root, ["tokenizer"]) is not None
+    assert unchanged_component_files(root, ["safety_checker"]) is None
+    assert unchanged_component_files(root, ["text_encoder"]) is None  # a shard is missing
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        (root / "text_encoder" / shard).write_bytes(b"")
+    files = unchanged_component_files(root, ["text_encoder"])
+    assert files is not None and len(files["text_encoder"]) == 4

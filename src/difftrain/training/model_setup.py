@@ -5,7 +5,9 @@ optimizer and accelerate see the models; nothing here names a model family.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 
 import torch
 
@@ -84,11 +86,21 @@ def release_encoders(
         return
     from difftrain.models.loading import load_components
     from difftrain.training.encoder_residency import EncoderResidency
+    from difftrain.training.outputs import base_model_folder
 
     names = ["vae", *components.text_encoders]
+    # Reloaded from the files loaded now: a hub id's snapshot, never the Hub again (a
+    # network error mid-run, or a new commit on the branch, whose weights the cache keys
+    # would not describe).
+    model_cfg = cfg.model
+    local = base_model_folder(components)
+    if local is not None:
+        model_cfg = dataclasses.replace(model_cfg, pretrained=str(local), revision=None)
+    if components.vae_source is not None and os.path.isabs(components.vae_source):
+        model_cfg = dataclasses.replace(model_cfg, vae=components.vae_source)
 
     def reload() -> dict:
-        loaded = load_components(cfg.model, components.family, only=tuple(names))
+        loaded = load_components(model_cfg, components.family, only=tuple(names))
         freeze_for_encoding(loaded, cfg, device, weight_dtype)
         return {name: loaded.parts[name] for name in names}
 

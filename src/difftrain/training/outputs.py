@@ -61,7 +61,7 @@ def _save_changed_parts(components: PipelineComponents, denoiser, staging: Path)
 
     from difftrain.training.pipeline_files import copy_components, unchanged_component_files
 
-    family, root = components.family, _local_folder(components)
+    family, root = components.family, base_model_folder(components)
     if root is None:
         return False
     index = json.loads((root / MODEL_INDEX).read_text(encoding="utf-8"))
@@ -103,7 +103,7 @@ def _weights_format(part) -> dict:
     return {"safe_serialization": True} if isinstance(part, torch.nn.Module) else {}
 
 
-def _local_folder(components: PipelineComponents) -> Path | None:
+def base_model_folder(components: PipelineComponents) -> Path | None:
     """The base model's folder: itself, or a hub id's snapshot in the cache (training
     loaded it, so it is there)."""
     if os.path.isabs(components.source):

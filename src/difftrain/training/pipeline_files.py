@@ -15,6 +15,7 @@ and the caller serialises the pipeline the slow way.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -41,13 +42,35 @@ def unchanged_component_files(root: Path, components: list[str]) -> dict[str, li
         if not folder.is_dir():
             return None
         files = [p for p in sorted(folder.iterdir()) if p.is_file() and _read_by_loader(p.name)]
-        has_weights = any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir())
-        if has_weights and not any(DEFAULT_WEIGHTS.match(p.name) for p in files):
-            return None  # pickles or a variant only: let diffusers convert them
+        if not _weights_complete(folder, files):
+            return None  # pickles, a variant only, or weights not here: let diffusers load them
         if not all(p.resolve().is_relative_to(inside) for p in files):
             return None
         chosen[name] = files
     return chosen
+
+
+def _weights_complete(folder: Path, files: list[Path]) -> bool:
+    """Whether `files` hold the component's default weights, whole, when it has any.
+
+    A model's folder (it has a config.json; tokenizers, schedulers and image processors have
+    their own config names) must hold them: a hub snapshot holds only what training loaded,
+    so a component it never loaded (SD's safety checker) may be there as its config alone.
+    A sharded checkpoint's index must find every shard it names."""
+    names = {p.name for p in files}
+    weights = [name for name in names if DEFAULT_WEIGHTS.match(name)]
+    is_model = (folder / "config.json").is_file()
+    has_other_weights = any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir())
+    if not weights:
+        return not (is_model or has_other_weights)
+    for index in (name for name in weights if name.endswith(".index.json")):
+        try:
+            shards = set(json.loads((folder / index).read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return False
+        if not shards <= names:
+            return False
+    return True
 
 
 def _read_by_loader(name: str) -> bool:
