@@ -322,15 +322,19 @@ def _process_rank() -> int:
 def run(argv: list[str] | None = None) -> None:
     """The `difftrain` command: `main`, then exit with its code.
 
-    Once torch is loaded, or after a Ctrl-C, the exit is immediate (`os._exit`):
+    Once torch is loaded (in a single process), or after a Ctrl-C, the exit is immediate
+    (`os._exit`):
     - with torch, diffusers and transformers imported, the interpreter's own shutdown (tearing
       down thousands of modules and the objects they hold) takes about a second, and every
-      file a command writes is closed before `main` returns;
+      file a command writes is closed before `main` returns. Not under a launcher: a process
+      gone at once left its peer waiting forever in the process group's teardown;
     - CPython re-raises SIGINT at shutdown when an interrupt landed inside certain library
       imports, and the process would die by the signal, whatever `main` returned.
     """
     code = main(argv)
-    if code == 130 or "torch" in sys.modules:
+    sizes = (os.environ.get(n, "1") for n in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    single = all(size.strip() in ("", "0", "1") for size in sizes)
+    if code == 130 or (single and "torch" in sys.modules):
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
