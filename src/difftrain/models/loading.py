@@ -298,12 +298,20 @@ def safetensors_only(source: str, revision: str | None, subfolder: str) -> bool 
     with `torch.load(weights_only=True)`, which builds tensors only and runs no code). For a hub
     id this looks at the cached snapshot, if there is one.
     """
-    folder: Path | None = Path(source) if os.path.isabs(source) else None
+    folder = local_model_folder(source, revision)
     if folder is None:
-        from huggingface_hub import snapshot_download
-
-        try:
-            folder = Path(snapshot_download(source, revision=revision, local_files_only=True))
-        except (OSError, ValueError):
-            return None  # not cached yet: the loader downloads, preferring safetensors
+        return None  # not cached yet: the loader downloads, preferring safetensors
     return True if uses_safetensors(folder, subfolder) else None
+
+
+def local_model_folder(source: str, revision: str | None) -> Path | None:
+    """A resolved `model.pretrained` on this disk: the folder itself, or a hub id's snapshot
+    in the Hugging Face cache; None when the hub id is not cached."""
+    if os.path.isabs(source):
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, revision=revision, local_files_only=True))
+    except (OSError, ValueError):
+        return None

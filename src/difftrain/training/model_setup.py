@@ -84,16 +84,15 @@ def release_encoders(
     as `prepare_models` placed them."""
     if cached is None or not (cached.latents and cached.text) or trained_text:
         return
-    from difftrain.models.loading import load_components
+    from difftrain.models.loading import load_components, local_model_folder
     from difftrain.training.encoder_residency import EncoderResidency
-    from difftrain.training.outputs import base_model_folder
 
     names = ["vae", *components.text_encoders]
     # Reloaded from the files loaded now: a hub id's snapshot, never the Hub again (a
     # network error mid-run, or a new commit on the branch, whose weights the cache keys
     # would not describe).
     model_cfg = cfg.model
-    local = base_model_folder(components)
+    local = local_model_folder(components.source, components.revision)
     if local is not None:
         model_cfg = dataclasses.replace(model_cfg, pretrained=str(local), revision=None)
     if components.vae_source is not None and os.path.isabs(components.vae_source):

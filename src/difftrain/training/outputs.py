@@ -13,7 +13,7 @@ import torch
 
 from difftrain.config import Config
 from difftrain.io import TEMP_SUFFIX, replace_path
-from difftrain.models.loading import PipelineComponents
+from difftrain.models.loading import PipelineComponents, local_model_folder
 from difftrain.sampling import generate, image_grid
 from difftrain.training.modes import eval_mode
 
@@ -61,7 +61,9 @@ def _save_changed_parts(components: PipelineComponents, denoiser, staging: Path)
 
     from difftrain.training.pipeline_files import copy_components, unchanged_component_files
 
-    family, root = components.family, base_model_folder(components)
+    # The base model's folder (a hub id's snapshot: training loaded it, so it is cached).
+    family = components.family
+    root = local_model_folder(components.source, components.revision)
     if root is None:
         return False
     index = json.loads((root / MODEL_INDEX).read_text(encoding="utf-8"))
@@ -101,23 +103,6 @@ def _save_changed_parts(components: PipelineComponents, denoiser, staging: Path)
 
 def _weights_format(part) -> dict:
     return {"safe_serialization": True} if isinstance(part, torch.nn.Module) else {}
-
-
-def base_model_folder(components: PipelineComponents) -> Path | None:
-    """The base model's folder: itself, or a hub id's snapshot in the cache (training
-    loaded it, so it is there)."""
-    if os.path.isabs(components.source):
-        return Path(components.source)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(
-            snapshot_download(
-                components.source, revision=components.revision, local_files_only=True
-            )
-        )
-    except (OSError, ValueError):
-        return None
 
 
 def _save_whole_pipeline(components: PipelineComponents, denoiser, staging: Path) -> None:
