@@ -8,9 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import bad_inputs_data
+import bad_inputs_hub
 import bad_inputs_limits
+import bad_inputs_lora_export
 import bad_inputs_model
+import bad_inputs_reproduce
 import bad_inputs_run
+import bad_inputs_run_report
+import bad_inputs_single_file
 import bad_inputs_sources
 import pytest
 from bad_input_table import make_workspace, run_case, snapshot
@@ -21,6 +26,11 @@ CASES = {
     **bad_inputs_model.CASES,
     **bad_inputs_limits.CASES,
     **bad_inputs_sources.CASES,
+    **bad_inputs_hub.CASES,
+    **bad_inputs_lora_export.CASES,
+    **bad_inputs_reproduce.CASES,
+    **bad_inputs_run_report.CASES,
+    **bad_inputs_single_file.CASES,
 }
 
 
@@ -56,5 +66,10 @@ def test_every_case_module_has_cases() -> None:
         bad_inputs_model,
         bad_inputs_limits,
         bad_inputs_sources,
+        bad_inputs_hub,
+        bad_inputs_lora_export,
+        bad_inputs_reproduce,
+        bad_inputs_run_report,
+        bad_inputs_single_file,
     ):
         assert module.CASES, module.__name__

@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
-from difftrain.config.schema import INT_LIMIT, Config
+from difftrain.config.checks import INT_LIMIT
+from difftrain.config.schema import Config
 from difftrain.config.strict_yaml import DuplicateKeyError, safe_load_strict
 from difftrain.errors import ConfigError, UserError
 

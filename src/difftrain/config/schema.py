@@ -9,65 +9,20 @@ dotted key.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-Check = Callable[[Any], "str | None"]
-
-
-def _positive(value: Any) -> str | None:
-    return None if value is None or value > 0 else f"must be > 0, got {value}"
-
-
-def _non_negative(value: Any) -> str | None:
-    return None if value is None or value >= 0 else f"must be >= 0, got {value}"
-
-
-def _multiple_of_8(value: Any) -> str | None:
-    if value <= 0 or value % 8:
-        return f"must be a positive multiple of 8 (the VAE downsamples by 8), got {value}"
-    return None
-
-
-def _probability(value: Any) -> str | None:
-    return None if 0.0 <= value < 1.0 else f"must be in [0, 1), got {value}"
-
-
-def _at_least_one(value: Any) -> str | None:
-    return None if value >= 1.0 else f"must be >= 1.0, got {value}"
-
-
-def _seed(value: Any) -> str | None:
-    return None if 0 <= value < 2**32 else f"must be in [0, 2**32), got {value}"
-
-
-def _timesteps(value: Any) -> str | None:
-    if not value or min(value) < 0:
-        return f"must be a non-empty list of timesteps >= 0, got {value}"
-    return None
-
-
-def _folder_name(value: Any) -> str | None:
-    if not str(value).strip():
-        return "must name a folder (an empty value would mean the current folder); pass a path"
-    return None
-
-
-def _required(value: Any) -> str | None:
-    return "is required" if value in (None, "") else None
-
-
-INT_LIMIT = 2**31 - 1
-"""The largest value of any integer key (and list item) whose field sets no other `maximum`:
-a count, size or step number beyond it is a typo, and torch, numpy and the data loader fail
-on such numbers with errors that name no key. Seeds go up to 2**32 - 1."""
-
-
-def _checked(default: Any, check: Check, *, maximum: int = INT_LIMIT) -> Any:
-    """A field with a default and a check; the loader also holds its integers to `maximum`."""
-    return field(default=default, metadata={"check": check, "maximum": maximum})
-
+from difftrain.config.checks import (
+    _at_least_one,
+    _checked,
+    _folder_name,
+    _multiple_of_8,
+    _non_negative,
+    _positive,
+    _probability,
+    _seed,
+    _timesteps,
+)
 
 LRScheduler = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
@@ -77,8 +32,15 @@ LRScheduler = Literal[
 @dataclass(kw_only=True)
 class ModelConfig:
     pretrained: str = "builtin:tiny"
-    """Hub id (`org/name`), a local diffusers folder, or `builtin:tiny` / `builtin:small`
-    (random-weight models built locally, for tests and the quick start)."""
+    """Hub id (`org/name`), a local diffusers folder, a single-file checkpoint
+    (`model.safetensors` in the original SD / SDXL layout, as ComfyUI and A1111 use), or
+    `builtin:tiny` / `builtin:small` (random-weight models built locally, for tests and the
+    quick start)."""
+
+    single_file_config: str | None = None
+    """For a single-file `pretrained`: the diffusers folder or hub id whose configs, tokenizers
+    and scheduler describe it (e.g. stabilityai/stable-diffusion-xl-base-1.0); a local folder
+    works offline. Null lets diffusers infer it from the checkpoint (needs the Hub)."""
 
     revision: str | None = None
     """Hub revision (branch, tag or commit) to load; ignored for local folders."""
@@ -301,6 +263,10 @@ class TrainConfig:
     """Also send metrics to TensorBoard (OUTPUT_DIR/logs/) or Weights & Biases;
     metrics.jsonl is always written."""
 
+    push_to_hub: bool = False
+    """Upload the final pipeline or LoRA, the model card and the last sample grid to
+    `hub.repo_id` with huggingface_hub when the run ends."""
+
     deterministic: bool = False
     """Seed everything and force deterministic kernels: two runs give identical weights."""
 
@@ -373,6 +339,13 @@ class LoraConfig:
     train_text_encoder: bool = False
     """Also put adapters on the text encoder's attention projections and train them."""
 
+    export_formats: list[Literal["diffusers", "kohya"]] = field(
+        default_factory=lambda: ["diffusers"]
+    )
+    """LoRA files the run writes: `diffusers` (pytorch_lora_weights.safetensors, for
+    `load_lora_weights`) and/or `kohya` (pytorch_lora_weights_kohya.safetensors, the key
+    format ComfyUI and AUTOMATIC1111 load, with kohya's ss_* metadata); SD 1.x/2.x and SDXL."""
+
 
 @dataclass(kw_only=True)
 class EmaConfig:
@@ -397,6 +370,19 @@ class EmaConfig:
 
 
 @dataclass(kw_only=True)
+class HubConfig:
+    repo_id: str | None = None
+    """Hugging Face Hub repository (`user/name`) that `train.push_to_hub` uploads to; it is
+    created if missing. The token comes from `HF_TOKEN` or `hf auth login`, never the config."""
+
+    private: bool = True
+    """Create the repository as private (an existing one keeps its visibility)."""
+
+    push_checkpoints: bool = False
+    """Also upload each checkpoint-N folder as it is written (under checkpoints/)."""
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -405,3 +391,4 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    hub: HubConfig = field(default_factory=HubConfig)

@@ -43,6 +43,11 @@ CHANGEABLE_ON_RESUME = (
     "data.cache_dir",
     "checkpointing.",
     "validation.",
+    # Where and in which formats the results go, not what trains.
+    "train.report_to",
+    "train.push_to_hub",
+    "hub.",
+    "lora.export_formats",
 )
 
 
