@@ -127,11 +127,34 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.run_dir is not None:
+        if args.ci_dir is not None or args.template is not None:
+            raise UserError(
+                "report RUN_DIR writes a run's report.html; --ci-dir and --template fill the "
+                "smoke checklist: give RUN_DIR or those options, not both"
+            )
+        from difftrain.report.run_report import report_run
+
+        return report_run(Path(args.run_dir))
     from difftrain.report import write_report
 
-    path = write_report(Path(args.ci_dir), template=Path(args.template) if args.template else None)
+    ci_dir = Path(args.ci_dir or "_ci_tmp")
+    path = write_report(ci_dir, template=Path(args.template) if args.template else None)
     print(f"wrote {path}")
     return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from difftrain.reproduce_command import run_reproduce
+
+    identical, verdict = run_reproduce(
+        Path(args.run_dir),
+        steps=args.steps,
+        force=args.force,
+        output_dir=Path(args.output_dir) if args.output_dir else None,
+    )
+    print(verdict)
+    return 0 if identical else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,10 +281,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add(
         "report",
         cmd_report,
-        "fill the smoke checklist from the logs, JUnit XML and artifacts under --ci-dir",
+        "fill the smoke checklist from the logs, JUnit XML and artifacts under --ci-dir; "
+        "with RUN_DIR, write RUN_DIR/report.html (plots, samples, config, data) instead",
     )
-    sub.add_argument("--ci-dir", default="_ci_tmp", help="folder the test runs wrote into")
+    sub.add_argument(
+        "run_dir",
+        nargs="?",
+        metavar="RUN_DIR",
+        help="a training output folder: write its report.html and link it from its README.md",
+    )
+    sub.add_argument("--ci-dir", help="folder the test runs wrote into (default: _ci_tmp)")
     sub.add_argument("--template", help="checklist template (default: docs/mvp_smoke_checklist.md)")
+
+    sub = add(
+        "reproduce",
+        cmd_reproduce,
+        "train a finished run again from its config.yaml and compare metrics.jsonl step by step",
+        loads_models=True,
+    )
+    sub.add_argument("run_dir", metavar="RUN_DIR", help="the output folder of a training run")
+    sub.add_argument("--steps", type=int, metavar="N", help="compare the first N steps only")
+    sub.add_argument(
+        "--force",
+        action="store_true",
+        help="compare even when the data, package versions or hardware differ from the run's",
+    )
+    sub.add_argument("--output-dir", help="keep the reproduction here (default: a temporary "
+                     "folder, removed afterwards)")  # fmt: skip
 
     add("env", cmd_env, "print the environment snapshot (versions, GPU, determinism) as JSON")
 

@@ -30,16 +30,18 @@ RUN_MARKER = ".difftrain-run.json"
 STALE_PARTIALS = (
     ".checkpoint-*.partial", ".checkpoint-*.deleting", f".*{TEMP_SUFFIX}", f".*{OLD_SUFFIX}"
 )  # fmt: skip
-TRAINING_ARTIFACTS = ("metrics.jsonl", "skipped_images.txt", "buckets.json", "logs/wandb-run-id")
+TRAINING_ARTIFACTS = (
+    "metrics.jsonl", "skipped_images.txt", "buckets.json", "logs/wandb-run-id",
+    "data_manifest.json", "timings.json", "report.html", "report",
+)  # fmt: skip
 FINAL_OUTPUTS = (
     "model_index.json",  # first: without it the folder no longer looks like a pipeline
     "unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
     "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler", "pytorch_lora_weights.safetensors",
-    "README.md",
+    "pytorch_lora_weights_kohya.safetensors", "README.md",
 )  # fmt: skip
 OWNED_NAMES = (
-    *FINAL_OUTPUTS, "config.yaml", "env.json", "metrics.jsonl", "skipped_images.txt",
-    "buckets.json", "samples",
+    *FINAL_OUTPUTS, "config.yaml", "env.json", *TRAINING_ARTIFACTS, "samples",
     "logs", RUN_MARKER, LOCK_FILE,
 )  # fmt: skip
 """Top-level names a run writes (or, in its own folder, replaces); `checkpoint-N` too."""

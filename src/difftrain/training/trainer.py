@@ -23,6 +23,7 @@ import torch
 from difftrain.config import Config, config_to_dict
 from difftrain.data.dataset import CaptionedImageDataset, build_dataloader
 from difftrain.data.folder import Example
+from difftrain.data.manifest import write_manifest
 from difftrain.errors import TrainingStopped
 from difftrain.models.loading import PipelineComponents, load_components
 from difftrain.models.sample_dropout import keyed_by
@@ -50,6 +51,7 @@ from difftrain.training.optim import build_lr_scheduler, build_optimizer, descri
 from difftrain.training.preflight import check_inputs, check_precision
 from difftrain.training.resume import continue_in_place
 from difftrain.training.run_checkpoints import RunCheckpoints
+from difftrain.training.run_clock import RunClock
 from difftrain.training.run_dir import claim_output_dir, write_run_description
 from difftrain.training.run_logging import (
     attach_log_handlers,
@@ -84,14 +86,24 @@ class TrainResult:
 
 
 def train(
-    cfg: Config, *, overwrite: bool = False, allow_config_change: tuple[str, ...] = ()
+    cfg: Config,
+    *,
+    overwrite: bool = False,
+    allow_config_change: tuple[str, ...] = (),
+    stop_after: int | None = None,
 ) -> TrainResult:
-    """Fine-tune the denoiser of `cfg.model.pretrained` on `cfg.data` and write the outputs."""
+    """Fine-tune the denoiser of `cfg.model.pretrained` on `cfg.data` and write the outputs.
+
+    `stop_after`: end after that step as if it were the last, with the schedule still that
+    of `train.max_steps` (`difftrain reproduce --steps N`).
+    """
     with startup_interrupts() as interrupted:
-        return _train(cfg, overwrite, allow_config_change, interrupted)
+        return _train(cfg, overwrite, allow_config_change, interrupted, stop_after)
 
 
-def _train(cfg: Config, overwrite: bool, allow_config_change, interrupted) -> TrainResult:
+def _train(
+    cfg: Config, overwrite: bool, allow_config_change, interrupted, stop_after: int | None
+) -> TrainResult:
     output_dir = Path(cfg.train.output_dir)
     check_precision(cfg.train.mixed_precision)
     configure_determinism(cfg.train.deterministic)
@@ -99,6 +111,7 @@ def _train(cfg: Config, overwrite: bool, allow_config_change, interrupted) -> Tr
     if cfg.train.compile:  # refused before the output folder is claimed
         check_compile_supported(accelerator.device)
     main = accelerator.is_main_process
+    clock = RunClock()
     lock = tracker = None
     log_handlers: list[logging.Handler] = []
     try:
@@ -134,6 +147,7 @@ def _train(cfg: Config, overwrite: bool, allow_config_change, interrupted) -> Tr
         components = load_components(cfg.model, inputs.family)
         interrupted()
         run = TrainingRun(cfg, accelerator, components, inputs.examples, inputs.buckets)
+        run.last_step = min(cfg.train.max_steps, stop_after or cfg.train.max_steps)
         if checkpoint is not None:
             run.resume(checkpoint)
         if in_place:
@@ -142,6 +156,7 @@ def _train(cfg: Config, overwrite: bool, allow_config_change, interrupted) -> Tr
             run_on_main(accelerator, lambda: continue_in_place(output_dir, run.progress.step))
         if main:
             write_run_description(output_dir, cfg, processes=process_facts(accelerator))
+            write_manifest(output_dir, inputs.examples, cfg.data)
             report_skipped_images(inputs.skipped, output_dir)
             if inputs.buckets is not None:
                 report_buckets(inputs.buckets, cfg.train.batch_size * accelerator.num_processes,
@@ -159,10 +174,13 @@ def _train(cfg: Config, overwrite: bool, allow_config_change, interrupted) -> Tr
         # is answered once the save is done, never by a half-written pipeline.
         with stop_signals() as received, peers_lost_is_one_line(accelerator):
             interrupted()  # a Ctrl-C just before the loop's own handler took over
+            clock.training_starts()
             losses = run.train(received)
+            clock.training_ends()
             run.gather_for_publish()
             if main:
                 run.publish(losses)
+                clock.write(output_dir)
                 kind = "LoRA weights" if cfg.lora.enabled else "pipeline"
                 logger.info("saved the trained %s to %s", kind, output_dir)
             if received:
@@ -197,6 +215,8 @@ class TrainingRun(RunCheckpoints, RunOutputs):
         self.tracker = NullTracker()
         """Set by `train()` once the output folder is ready for this run's metrics."""
         self.output_dir = Path(cfg.train.output_dir)
+        self.last_step = cfg.train.max_steps
+        """The step the loop ends after (`train(stop_after=...)` can make it earlier)."""
         self.device = components.device = accelerator.device
         train_cfg = cfg.train
         self.weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
@@ -292,7 +312,7 @@ class TrainingRun(RunCheckpoints, RunOutputs):
         )
         losses: list[float] = []
         started = time.perf_counter()
-        while self.progress.step < cfg.max_steps:
+        while self.progress.step < self.last_step:
             step_started = time.perf_counter()
             result = self._optimizer_step(batches)
             self.progress.step += 1
@@ -306,7 +326,7 @@ class TrainingRun(RunCheckpoints, RunOutputs):
             # signal seen by any of them is shared first. After the last step, just finish.
             if stop_signals:
                 self.accelerator.set_trigger()
-            if self.accelerator.check_trigger() and self.progress.step < cfg.max_steps:
+            if self.accelerator.check_trigger() and self.progress.step < self.last_step:
                 self._stop_for_signal(
                     stop_signals[0] if stop_signals else signal.SIGTERM, checkpointed
                 )

@@ -1,0 +1,115 @@
+"""What a run records about itself (data_manifest.json, timings.json), and `difftrain
+reproduce`, which trains it again and compares step by step.
+
+    pytest tests/unit/test_reproduce.py -q
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from test_families import family_config
+
+from difftrain.cli import main
+from difftrain.config import config_from_dict
+from difftrain.data.manifest import build_manifest
+from difftrain.data.sources import scan_sources
+from difftrain.training.trainer import train
+
+
+@pytest.fixture
+def data(tmp_path: Path, dummy_data_dir: Path) -> Path:
+    """A private copy of the dummy data: some tests edit it."""
+    return Path(shutil.copytree(dummy_data_dir, tmp_path / "data"))
+
+
+def cosine_run(tmp_path: Path, data: Path, steps: int = 4) -> Path:
+    """A finished tiny run whose learning rate changes every step (so a reproduction that
+    shortened the schedule to --steps would differ)."""
+    out = tmp_path / "run"
+    cfg = family_config(
+        "sd",
+        out,
+        data,
+        train={"max_steps": steps, "lr_scheduler": "cosine", "lr_warmup_steps": 1},
+    )
+    train(cfg)
+    return out
+
+
+def test_a_run_records_its_files_and_its_times(tmp_path: Path, data: Path, builtin_cache) -> None:
+    out = cosine_run(tmp_path, data, steps=2)
+    manifest = json.loads((out / "data_manifest.json").read_text())
+    images = sorted(data.glob("*.png"))
+    assert manifest["sources"] == [{"kind": "folder", "id": str(data), "repeats": 1, "files": 8}]
+    assert [f["path"] for f in manifest["files"]] == [str(p) for p in images]
+    for entry, image in zip(manifest["files"], images, strict=True):
+        assert entry["size"] == image.stat().st_size
+        assert entry["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    timings = json.loads((out / "timings.json").read_text())
+    parts = [timings[k] for k in ("startup_s", "training_s", "saving_s")]
+    assert all(part > 0 for part in parts), timings
+    assert sum(parts) == pytest.approx(timings["total_s"], abs=0.01)
+
+
+def test_the_manifest_says_which_source_each_image_came_from(tmp_path: Path, data: Path) -> None:
+    second = Path(shutil.copytree(data, tmp_path / "second"))
+    cfg = config_from_dict(
+        {"data": {"sources": [{"train_dir": str(data), "repeats": 3}, {"train_dir": str(second)}]}}
+    )
+    manifest = build_manifest(scan_sources(cfg.data), cfg.data)
+    assert [s["files"] for s in manifest["sources"]] == [8, 8]  # repeats list an image once
+    assert [s["repeats"] for s in manifest["sources"]] == [3, 1]
+    assert [f["source"] for f in manifest["files"]] == [0] * 8 + [1] * 8
+    assert all(Path(f["path"]).parent == second for f in manifest["files"][8:])
+
+
+def test_reproduce_says_identical_for_a_whole_run_and_for_its_first_steps(
+    tmp_path: Path, data: Path, builtin_cache, capsys
+) -> None:
+    out = cosine_run(tmp_path, data)
+    before = (out / "metrics.jsonl").read_bytes()
+    assert main(["reproduce", str(out)]) == 0
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .endswith(f"identical: 4 steps of {out / 'metrics.jsonl'} reproduced")
+    )
+    assert main(["reproduce", str(out), "--steps", "3"]) == 0  # step 3's rate is the 4-step one
+    assert "identical: 3 steps" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").read_bytes() == before  # the run itself is left alone
+
+
+def test_reproduce_names_the_first_step_and_key_that_differ(
+    tmp_path: Path, data: Path, builtin_cache, capsys
+) -> None:
+    out = cosine_run(tmp_path, data, steps=3)
+    metrics = out / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    trained = records[1]["loss"]
+    records[1]["loss"] = edited = trained + 1e-7  # as a change in the numerics would leave it
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["reproduce", str(out), "--output-dir", str(tmp_path / "again")]) == 1
+    verdict = capsys.readouterr().out.strip().splitlines()[-1]
+    assert verdict == f"differs at step 2: loss {edited!r} in the run, {trained!r} reproduced"
+    assert (tmp_path / "again" / "metrics.jsonl").is_file()  # --output-dir keeps it
+
+
+def test_forced_reproduction_on_edited_data_differs(
+    tmp_path: Path, data: Path, builtin_cache, capsys
+) -> None:
+    out = cosine_run(tmp_path, data, steps=2)
+    from PIL import Image
+
+    for image in sorted(data.glob("*.png")):  # every one: step 1 must see an edited image
+        with Image.open(image) as opened:
+            edited = opened.convert("RGB").transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+        edited.save(image)
+    assert main(["reproduce", str(out)]) == 2
+    assert "has other content" in capsys.readouterr().err
+    assert main(["reproduce", str(out), "--force"]) == 1
+    assert "differs at step 1" in capsys.readouterr().out
