@@ -47,10 +47,11 @@ def run_reproduce(
     work = Path(tempfile.mkdtemp(prefix="difftrain-reproduce-")) if output_dir is None else None
     target = output_dir if output_dir is not None else work / "run"
     try:
-        cfg = load_config(
-            run_dir / "config.yaml",
-            [f"train.output_dir={target}", "train.resume_from_checkpoint=null"],
-        )
+        cfg = load_config(run_dir / "config.yaml", [
+            f"train.output_dir={target}", "train.resume_from_checkpoint=null",
+            # A reproduction is a check, not a run to publish or track.
+            "train.push_to_hub=false", "hub.push_checkpoints=false", "train.report_to=none",
+        ])  # fmt: skip
         if not force:
             refuse_other_inputs(run_dir, cfg, env)
         from difftrain.training.trainer import train
