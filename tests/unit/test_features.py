@@ -78,6 +78,32 @@ def test_lora_loads_into_the_base_pipeline_and_changes_the_image(
     assert config_.r == 4 and config_.lora_alpha == 8.0  # alpha survives the round trip
 
 
+def test_lora_on_more_than_attention_loads_every_adapter(
+    tmp_path: Path, dummy_data_dir: Path, tiny_model_dir: Path
+) -> None:
+    """Convolutions and projections too: diffusers' loader reads a file's key format from
+    its first key, so one file with two formats lost every adapter of the other."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "proj_in", "ff.net.2"]
+    cfg = config(
+        tmp_path / "out", dummy_data_dir,
+        train={"max_steps": 1, "learning_rate": 5e-2},
+        lora={"enabled": True, "target_modules": targets},
+    )  # fmt: skip
+    out = train(cfg).output_dir
+    saved = load_file(out / LORA_WEIGHTS)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    pipe.load_lora_weights(out)
+    (adapter,) = pipe.unet.peft_config
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=adapter)
+    assert len(loaded) == len(saved) > 0
+    assert any(".conv1." in key for key in loaded) and any(".ff.net.2." in key for key in loaded)
+    for key, value in loaded.items():
+        assert torch.equal(value, saved[f"unet.{key}"]), key
+
+
 def test_lora_trains_only_the_adapter(
     tmp_path: Path, dummy_data_dir: Path, tiny_model_dir: Path
 ) -> None:

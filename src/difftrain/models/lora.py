@@ -96,11 +96,14 @@ def _write_lora(folder: Path, family, denoiser, text_encoders: dict) -> None:
         state = get_peft_model_state_dict(model)
         return convert_state_dict_to_diffusers(state) if convert else state
 
-    # UNet and CLIP adapters go in diffusers' own key format, as its SD / SDXL scripts write
-    # them; transformer adapters keep peft's keys, as its SD3 / Flux scripts do.
+    # The denoiser's adapters keep peft's keys (diffusers' loaders read them for every
+    # family). Converting them, as diffusers' SD scripts do, renames only the attention
+    # projections: a file with adapters on convolutions or feed-forwards too then mixes two
+    # key formats, and the loader, which reads the format from the first key, silently drops
+    # the rest. CLIP adapters are attention projections only: diffusers' format, complete.
     name = family.denoiser
     kwargs = {
-        f"{name}_lora_layers": layers(denoiser, convert=name == "unet"),
+        f"{name}_lora_layers": layers(denoiser, convert=False),
         f"{name}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict(),
     }
     for part, text_encoder in text_encoders.items():
