@@ -157,6 +157,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0 if identical else 1
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from difftrain.export_command import run_export
+
+    print(run_export(args.run_dir, args.format, args.output, overwrite=args.overwrite))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="difftrain",
@@ -308,6 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--output-dir", help="keep the reproduction here (default: a temporary "
                      "folder, removed afterwards)")  # fmt: skip
+
+    sub = add(
+        "export",
+        cmd_export,
+        "write a full fine-tune's pipeline as one original-layout checkpoint (ComfyUI, A1111)",
+        loads_models=True,
+    )
+    sub.add_argument("run_dir", metavar="RUN_DIR", help="the output folder of a full fine-tune")
+    # Checked by the command, not argparse: a bad value is then one `difftrain: error:` line.
+    sub.add_argument("--format", default="single-file", metavar="{single-file}",
+                     help="single-file: one .safetensors in the original key layout")  # fmt: skip
+    sub.add_argument("--output", required=True, help="the .safetensors file to write")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
     add("env", cmd_env, "print the environment snapshot (versions, GPU, determinism) as JSON")
 

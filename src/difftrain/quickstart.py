@@ -1,8 +1,10 @@
 """`difftrain quickstart`: the whole job end to end on the built-in tiny model.
 
-Makes a captioned image folder, trains the random-weight tiny pipeline on it for a few steps
-(configs/quickstart.yaml), and samples an image from the result. Everything is local: no
-download, a couple of minutes at most on a laptop CPU.
+Makes a captioned image folder (and a small held-out one for the validation loss), trains
+the random-weight tiny pipeline on it for a few steps (configs/quickstart.yaml), samples an
+image from the result and writes the run's report (`run/report.html`: loss and validation
+curves, the validation grid, config, data), so a newcomer sees more than a grid of noise.
+Everything is local: no download, a couple of minutes at most on a laptop CPU.
 """
 
 from __future__ import annotations
@@ -42,13 +44,22 @@ def run_quickstart(output_dir: Path, max_steps: int = 30, model: str = "builtin:
     from difftrain.training.trainer import train
 
     output_dir = check_quickstart_dir(output_dir)
-    data_dir = output_dir / "data"
+    data_dir, held_out = output_dir / "data", output_dir / "held_out"
+    every = max(1, max_steps // 3)  # three validation losses along the run
+    overrides = [
+        f"data.train_dir={data_dir}",
+        f"train.max_steps={max_steps}",
+        f"model.pretrained={model}",
+        # A validation-loss curve for the report (cheap: a few images at fixed timesteps;
+        # more grids along the way would cost seconds and, from a random model, show noise).
+        f"validation.loss_dir={held_out}",
+        f"validation.loss_every_steps={every}",
+    ]
     cfg = resolve_run_config(
-        quickstart_config_path(),
-        [f"data.train_dir={data_dir}", f"train.max_steps={max_steps}", f"model.pretrained={model}"],
-        output_dir=str(output_dir / "run"),
+        quickstart_config_path(), overrides, output_dir=str(output_dir / "run")
     )
     make_dummy_imagefolder(data_dir, num_images=16, image_size=cfg.data.resolution)
+    make_dummy_imagefolder(held_out, num_images=4, image_size=cfg.data.resolution, seed=1)
     # Re-running the quick start replaces its own earlier run, and nothing else.
     result = train(cfg, overwrite=run_differences(output_dir / "run", cfg) == [])
 
@@ -64,7 +75,19 @@ def run_quickstart(output_dir: Path, max_steps: int = 30, model: str = "builtin:
         f"  trained pipeline: {result.output_dir}\n"
         f"  validation grid:  {result.output_dir / 'samples'}\n"
         f"  sample image:     {sample}\n"
+        f"  run report:       {quickstart_report(result.output_dir)}\n"
         f"  load it with:     {type(pipeline).__name__}.from_pretrained("
         f"{str(result.output_dir)!r})"
     )
     return output_dir
+
+
+def quickstart_report(run_dir: Path) -> str:
+    """The report's path, or why there is none: a missing matplotlib must not fail a quick
+    start whose training worked (the line names the install command)."""
+    from difftrain.report.run_report import write_run_report
+
+    try:
+        return str(write_run_report(run_dir).html)
+    except UserError as exc:
+        return f"not written: {exc}"

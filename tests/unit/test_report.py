@@ -12,10 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import re
+import stat
 import subprocess
 import sys
 import textwrap
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
@@ -167,6 +171,33 @@ def fake_ci(tmp_path: Path) -> dict:
     return {"ci": ci, "unet_sha": sha256(unet.read_bytes()), "away_sha": away_sha}
 
 
+FROM_MACHINE = "from the machine running the report, not from _ci_tmp"
+FAKE_SMI = """#!/bin/sh
+case "$*" in
+  *--query-gpu*) echo "NVIDIA H200, 570.86.15, 143771 MiB, 9.0" ;;
+  *) echo "| NVIDIA-SMI 570.86.15   Driver Version: 570.86.15   CUDA Version: 12.8 |" ;;
+esac
+"""
+
+
+def put_nvidia_smi(tmp_path: Path, monkeypatch, script: str) -> None:
+    """An `nvidia-smi` first on PATH: the report's machine facts do not depend on this host."""
+    folder = tmp_path / "fake-bin"
+    tool = write(folder / "nvidia-smi", script)
+    tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+@pytest.fixture
+def no_gpu_here(tmp_path: Path, monkeypatch) -> None:
+    put_nvidia_smi(tmp_path, monkeypatch, "#!/bin/sh\nexit 9\n")
+
+
+@pytest.fixture
+def gpu_here(tmp_path: Path, monkeypatch) -> None:
+    put_nvidia_smi(tmp_path, monkeypatch, FAKE_SMI)
+
+
 def run_report(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(["report", *argv])
     captured = capsys.readouterr()
@@ -177,7 +208,9 @@ def auto_blocks(report: str) -> dict[str, str]:
     return {m["name"]: m["body"] for m in MARKER.finditer(report)}
 
 
-def test_report_fills_every_auto_block_from_the_ci_dir(fake_ci: dict, capsys, monkeypatch) -> None:
+def test_report_fills_every_auto_block_from_the_ci_dir(
+    fake_ci: dict, capsys, monkeypatch, gpu_here
+) -> None:
     monkeypatch.chdir(fake_ci["ci"].parent)  # no docs/ here: the checkout's template is used
     code, out, err = run_report(capsys, "--ci-dir", str(fake_ci["ci"]))
     path = fake_ci["ci"] / "reports" / "mvp_smoke_checklist.md"
@@ -252,6 +285,16 @@ def test_report_fills_every_auto_block_from_the_ci_dir(fake_ci: dict, capsys, mo
     assert "| unit | 3 | 1.25 | 1.25 | tests.fake::test_passes (0.75 s) |" in blocks["durations"]
     assert "2026-05-01T10:00:00+00:00 on gpu-box-7" in blocks["durations"]
 
+    # The run: date and commit as the ci-dir recorded them; nothing from this machine (its
+    # nvidia-smi would say H200), since an env.json names the machine that ran the tests.
+    assert blocks["run"].splitlines() == [
+        "- Run date/time (UTC): 2026-05-01 10:00 UTC (start of the earliest JUnit suite, "
+        "`_ci_tmp/junit/unit.xml`)",
+        f"- Repository commit (`git rev-parse HEAD`): `{COMMIT}` (from env.json "
+        "`_ci_tmp/pytest_tmp/gpu_smoke/test_builtin0/a/env.json`)",
+    ]
+    assert "H200" not in report and "from the machine running the report" not in report
+
     # What a person must fill stays blank.
     assert "- Name: ____" in report
     assert "- Date: ____" in report
@@ -276,7 +319,7 @@ def test_ci_dir_that_is_a_file_is_a_user_error(tmp_path: Path, capsys) -> None:
     assert code == 2 and "not a folder" in err and len(err.splitlines()) == 1
 
 
-def test_empty_ci_dir_reports_not_run_and_not_found(tmp_path: Path, capsys) -> None:
+def test_empty_ci_dir_reports_not_run_and_not_found(tmp_path: Path, capsys, no_gpu_here) -> None:
     ci = tmp_path / "_ci_tmp"
     ci.mkdir()
     code, _, err = run_report(capsys, "--ci-dir", str(ci))
@@ -288,18 +331,21 @@ def test_empty_ci_dir_reports_not_run_and_not_found(tmp_path: Path, capsys) -> N
     assert "| 4. CI-parity run | NOT RUN | `_ci_tmp/logs/text2image_smoke.log` not found" in report
     assert "| GPU model | not found |" in report
     assert "| NVIDIA driver | not found |" in report
-    assert "- env.json: not found under `_ci_tmp`" in report
+    assert f"- env.json: not found under `_ci_tmp`; the table is filled {FROM_MACHINE}" in report
     assert "- [ ] `_ci_tmp/logs/text2image_smoke.log`: not found" in report
     assert "- [ ] `_ci_tmp/pytest_tmp`: not found" in report
     assert "no smoke training output in `_ci_tmp/pytest_tmp/**/test_smoke*`: not found." in report
     assert "- Warning lines in logs: not found" in report
     assert "- Non-finite loss: not found" in report
-    assert "Not captured: `_ci_tmp/logs/nvidia-smi.txt` not found" in report
+    assert (
+        "Not captured: `_ci_tmp/logs/nvidia-smi.txt` not found and no `nvidia-smi` on the "
+        "machine running the report" in report
+    )
     assert "- Name: ____" in report
 
 
 def test_fake_ci_dirs_left_by_tests_are_not_read_as_runs(
-    fake_ci: dict, tmp_path: Path, capsys
+    fake_ci: dict, tmp_path: Path, capsys, no_gpu_here
 ) -> None:
     # `nox -s unit` runs these tests with --basetemp _ci_tmp/pytest_tmp/unit, so a real
     # _ci_tmp holds fake ones (a GPU env.json, a NaN loss) that must not count.
@@ -461,16 +507,123 @@ def test_losses_property_with_nan_is_detected(tmp_path: Path, capsys) -> None:
     assert "`_ci_tmp/junit/gpu_smoke.xml` `tests.fake::test_smoke`: losses `[0.5, NaN]`" in report
 
 
-def test_report_runs_without_torch(fake_ci: dict) -> None:
-    # `nox -s report` installs only pyyaml and difftrain --no-deps: no torch may be imported.
+@pytest.mark.parametrize("env_json", [True, False], ids=["env.json", "machine"])
+def test_report_runs_without_torch(fake_ci: dict, tmp_path: Path, env_json: bool) -> None:
+    # `nox -s report` installs only pyyaml and difftrain --no-deps: no torch may be imported,
+    # neither to read the ci-dir nor to describe this machine when the ci-dir has no env.json.
+    ci = fake_ci["ci"] if env_json else tmp_path / "empty" / "_ci_tmp"
+    ci.mkdir(parents=True, exist_ok=True)
     code = (
         "import sys\nfrom difftrain.cli import main\n"
-        f"rc = main(['report', '--ci-dir', {str(fake_ci['ci'])!r}])\n"
+        f"rc = main(['report', '--ci-dir', {str(ci)!r}])\n"
         "heavy = [m for m in ('torch', 'diffusers', 'numpy') if m in sys.modules]\n"
         "print('RC', rc, 'HEAVY', heavy)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "RC 0 HEAVY []" in result.stdout, result.stderr
+    report = (ci / "reports" / "mvp_smoke_checklist.md").read_text()
+    assert (FROM_MACHINE in report) != env_json
+
+
+def head_commit() -> str | None:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def test_without_env_json_the_machine_running_the_report_fills_the_gaps(
+    tmp_path: Path, capsys, gpu_here
+) -> None:
+    # The runbook's plain pytest path: no nox, so no env.json and no nvidia-smi capture.
+    import torch
+
+    ci = tmp_path / "_ci_tmp"
+    ci.mkdir()
+    before = datetime.now(timezone.utc).replace(second=0, microsecond=0)
+    assert run_report(capsys, "--ci-dir", str(ci))[0] == 0
+    after = datetime.now(timezone.utc)
+    blocks = auto_blocks((ci / "reports" / "mvp_smoke_checklist.md").read_text())
+
+    env = blocks["environment"]
+    assert "| GPU model | NVIDIA H200 |" in env
+    assert "| GPU memory | 143771 MiB |" in env
+    assert "| Compute capability | 9.0 |" in env
+    assert "| NVIDIA driver | 570.86.15 |" in env
+    torch_cuda = torch.version.cuda or "none (CPU build)"
+    assert f"| CUDA (torch build / driver supports) | {torch_cuda} / driver supports 12.8 |" in env
+    assert f"| Python | {platform.python_version()} |" in env
+    assert f"| PyTorch | {torch.__version__} |" in env
+    assert f"| difftrain version | {metadata.version('difftrain')} |" in env
+    assert f"diffusers {metadata.version('diffusers')}, transformers " in env
+    assert f"| Platform | {platform.platform()} |" in env
+    assert FROM_MACHINE in env
+
+    commit = head_commit()
+    run_lines = blocks["run"].splitlines()
+    if commit:
+        assert f"| difftrain commit | {commit} |" in env
+        assert run_lines[1] == (
+            f"- Repository commit (`git rev-parse HEAD`): `{commit}` (the difftrain checkout "
+            f"this report runs from; {FROM_MACHINE})"
+        )
+    stamp = re.match(
+        r"- Run date/time \(UTC\): (\d{4}-\d\d-\d\d \d\d:\d\d) UTC \(now", run_lines[0]
+    )
+    assert stamp, run_lines[0]
+    when = datetime.strptime(stamp[1], "%Y-%m-%d %H:%M").replace(tzinfo=timezone.utc)
+    assert before <= when <= after and FROM_MACHINE in run_lines[0]
+
+    smi = blocks["nvidia-smi"]
+    assert f"`nvidia-smi` run now, {FROM_MACHINE}" in smi
+    assert "Driver Version: 570.86.15   CUDA Version: 12.8" in smi
+
+
+def test_run_time_is_when_the_smoke_log_was_written(tmp_path: Path, capsys, no_gpu_here) -> None:
+    ci = tmp_path / "_ci_tmp"
+    log = write(ci / "logs" / "text2image_smoke.log", "=== 1 passed in 3.00s ===\n")
+    written = datetime(2026, 3, 4, 5, 6, tzinfo=timezone.utc).timestamp()
+    os.utime(log, (written, written))
+    run_report(capsys, "--ci-dir", str(ci))
+    report = (ci / "reports" / "mvp_smoke_checklist.md").read_text()
+    assert (
+        "- Run date/time (UTC): 2026-03-04 05:06 UTC (when `_ci_tmp/logs/text2image_smoke.log` "
+        "was last written: the end of the CI-parity run)"
+    ) in report
+
+
+def test_naive_junit_timestamps_say_they_are_local_time(tmp_path: Path, capsys) -> None:
+    ci = tmp_path / "_ci_tmp"
+    xml = junit([case_xml("t", 1.0)], 1.0).replace("+00:00", "")
+    write(ci / "junit" / "unit.xml", xml)
+    write(ci / "junit" / "gpu_smoke.xml", xml.replace("10:00:00", "11:30:00"))
+    run_report(capsys, "--ci-dir", str(ci))
+    report = (ci / "reports" / "mvp_smoke_checklist.md").read_text()
+    assert (
+        "- Run date/time (UTC): 2026-05-01 10:00 UTC (start of the earliest JUnit suite, "
+        "`_ci_tmp/junit/unit.xml`) (the test machine's local time: the XML gives no offset)"
+    ) in report
+
+
+@pytest.mark.parametrize(
+    ("version_py", "expected"),
+    [
+        ("__version__ = '2.13.0+cu128'\ncuda: Optional[str] = '12.8'\n", "12.8"),
+        ('cuda = "11.8"\n', "11.8"),
+        ("cuda: Optional[str] = None\n", "none (CPU build)"),
+    ],
+)
+def test_torch_build_cuda_is_read_as_text(
+    tmp_path: Path, monkeypatch, version_py: str, expected: str
+) -> None:
+    from difftrain.report import local_machine
+
+    write(tmp_path / "torch" / "version.py", version_py)
+
+    class FakeTorch:
+        def locate_file(self, name: str) -> Path:
+            return tmp_path / name
+
+    monkeypatch.setattr(local_machine.metadata, "distribution", lambda name: FakeTorch())
+    assert local_machine.torch_cuda() == expected
 
 
 GENERATED_TESTS = """

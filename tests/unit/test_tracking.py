@@ -155,82 +155,55 @@ def test_missing_package_is_refused_before_metrics_are_opened(
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_real_tensorboard(tmp_path: Path) -> None:
-    """With tensorboard installed, event files appear; without it, the run is refused."""
-    if importlib.util.find_spec("tensorboard") is None:
-        with pytest.raises(UserError, match="needs the tensorboard package; pip install"):
-            RunTracker(tmp_path, report_to="tensorboard", max_steps=2)
-        return
-    tracker = RunTracker(tmp_path, report_to="tensorboard", max_steps=2, show_progress=False)
-    tracker.log(record(1))
-    tracker.close()
-    assert list((tmp_path / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+def tensorboard_events(folder: Path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events
 
 
-class FakeSummaryWriter:
-    def __init__(self, log_dir: str, purge_step: int | None = None):
-        self.log_dir, self.purge_step = log_dir, purge_step
-        self.scalars: list[tuple[str, float, int]] = []
-        self.closed = 0
+def test_tensorboard_gets_finite_numbers_and_images_at_their_step(tmp_path: Path) -> None:
+    """Real event files, read back (a whole run's are checked in test_trackers_real.py)."""
+    pytest.importorskip("tensorboard")
+    from PIL import Image
 
-    def add_scalar(self, tag: str, value: float, global_step: int) -> None:
-        self.scalars.append((tag, value, global_step))
-
-    def close(self) -> None:
-        self.closed += 1
-
-
-@pytest.fixture
-def fake_tensorboard(monkeypatch) -> list[FakeSummaryWriter]:
-    """torch.utils.tensorboard with a recording SummaryWriter (tensorboard may be absent)."""
-    writers: list[FakeSummaryWriter] = []
-
-    def make(*args, **kwargs):
-        writers.append(FakeSummaryWriter(*args, **kwargs))
-        return writers[-1]
-
-    module = types.ModuleType("torch.utils.tensorboard")
-    module.SummaryWriter = make
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
-    monkeypatch.setattr(tracking, "check_tracker_available", lambda report_to: None)
-    return writers
-
-
-def test_tensorboard_gets_finite_numbers_at_their_step(tmp_path: Path, fake_tensorboard) -> None:
+    grid = tmp_path / "grid.png"
+    Image.new("RGB", (24, 16), (200, 30, 60)).save(grid)
     tracker = RunTracker(tmp_path, report_to="tensorboard", max_steps=3, show_progress=False)
     tracker.log(record(1, 0.5, note="text"))
     tracker.log(record(2, float("nan"), skipped=True))
+    tracker.log_image("samples", grid, 2)
     tracker.close()
     tracker.close()
-    (writer,) = fake_tensorboard
-    assert writer.log_dir == str(tmp_path / "logs" / "tensorboard")
-    assert writer.purge_step is None
-    assert writer.closed == 1
-    assert ("loss", 0.5, 1) in writer.scalars
-    assert ("lr", 1e-4, 1) in writer.scalars
-    assert ("skipped", 1.0, 2) in writer.scalars
-    tags = {tag for tag, _, _ in writer.scalars}
-    assert tags == {"loss", "lr", "skipped"}  # no step, None, text
-    assert not any(tag == "loss" and step == 2 for tag, _, step in writer.scalars)  # NaN
+
+    events = tensorboard_events(tmp_path / "logs" / "tensorboard")
+    assert set(events.Tags()["scalars"]) == {"loss", "lr", "skipped"}  # no step, None, text
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 0.5)]  # NaN left out
+    assert [(e.step, e.value) for e in events.Scalars("skipped")] == [(1, 0.0), (2, 1.0)]
+    (image,) = events.Images("samples")
+    assert (image.step, image.width, image.height) == (2, 24, 16)
     assert len(read_metrics(tmp_path / "metrics.jsonl")) == 2  # the NaN line is still written
-
-
-def test_tensorboard_purges_steps_after_the_resume_point(tmp_path: Path, fake_tensorboard) -> None:
-    RunTracker(tmp_path, report_to="tensorboard", max_steps=9, start_step=4).close()
-    assert fake_tensorboard[0].purge_step == 5
 
 
 @pytest.fixture
 def fake_wandb(monkeypatch) -> types.SimpleNamespace:
+    """A recording `wandb` module, for what `wandb.init` is asked (the run id on resume).
+
+    What a real (offline) W&B run records is read back in test_trackers_real.py.
+    """
     calls = types.SimpleNamespace(init=[], log=[], finish=0)
-    module = types.ModuleType("wandb")
-    module.init = lambda **kwargs: calls.init.append(kwargs)
-    module.log = lambda values, step: calls.log.append((values, step))
 
     def finish() -> None:
         calls.finish += 1
 
-    module.finish = finish
+    run = types.SimpleNamespace(
+        log=lambda values, step: calls.log.append((values, step)), finish=finish
+    )
+    module = types.ModuleType("wandb")
+    module.init = lambda **kwargs: calls.init.append(kwargs) or run
+    module.Settings = lambda **kwargs: kwargs
     monkeypatch.setitem(sys.modules, "wandb", module)
     monkeypatch.setattr(tracking, "check_tracker_available", lambda report_to: None)
     return calls

@@ -374,12 +374,19 @@ def resolve_run_config(
     if deterministic:
         overrides.append("train.deterministic=true")
     cfg = load_config(config_path, overrides)
-    pretrained = cfg.model.pretrained
-    if not pretrained.startswith("builtin:") and Path(pretrained).expanduser().exists():
-        pretrained = str(Path(pretrained).expanduser().resolve())
+
+    def local(name: str | None) -> str | None:  # a hub id or builtin stays as it is
+        if name and not name.startswith("builtin:") and Path(name).expanduser().exists():
+            return str(Path(name).expanduser().resolve())
+        return name
+
     return dataclasses.replace(
         cfg,
-        model=dataclasses.replace(cfg.model, pretrained=pretrained),
+        model=dataclasses.replace(
+            cfg.model,
+            pretrained=local(cfg.model.pretrained),
+            single_file_config=local(cfg.model.single_file_config),
+        ),
         data=dataclasses.replace(
             _absolute_source(cfg.data),
             sources=[_absolute_source(entry) for entry in cfg.data.sources],

@@ -27,6 +27,7 @@ from difftrain.models.pipeline_checks import (
     scheduler_class,
     uses_safetensors,
 )
+from difftrain.models.single_file.source import is_single_file
 from difftrain.models.tiny import BUILTIN_PREFIX, BUILTINS, builtin_model_path
 from difftrain.quiet import diffusers_logs_silenced
 
@@ -59,6 +60,9 @@ class PipelineComponents:
     residency: Any = None
     """An `EncoderResidency` when the VAE and text encoders are released while the cache
     answers for them (training/encoder_residency.py); None keeps them loaded."""
+    single_file_config: str | None = None
+    """With a single-file `source` (models/single_file/source.py): where its configs come
+    from, an absolute folder or a hub id (None: inferred by diffusers)."""
 
     @property
     def denoiser(self) -> Any:
@@ -86,6 +90,12 @@ def resolve_pretrained(name: str, label: str = "model.pretrained") -> str:
 
     `label` names the setting in error messages (`--model` for `difftrain sample`).
     """
+    if is_single_file(name):
+        raise UserError(
+            f"{label}: {name} is a single-file checkpoint, which only training reads "
+            "(model.pretrained); load it with the pipeline's from_single_file, or use a "
+            "diffusers folder"
+        )
     if name.startswith(BUILTIN_PREFIX):
         size = name.removeprefix(BUILTIN_PREFIX)
         if size not in BUILTINS:
@@ -138,6 +148,11 @@ def model_family(
 
 
 def _checked_source(cfg: ModelConfig, label: str, sampling: bool = False) -> tuple[str, str]:
+    if is_single_file(cfg.pretrained) and label == "model.pretrained":
+        from difftrain.models.single_file.source import check_single_file
+
+        checked = check_single_file(cfg, label)
+        return str(checked.path), checked.family
     source = resolve_pretrained(cfg.pretrained, label)
     revision = _revision(cfg, source)
     family = check_pipeline(
@@ -211,6 +226,10 @@ def load_components(
     import diffusers
 
     family = family or model_family(cfg)
+    if is_single_file(cfg.pretrained):
+        from difftrain.models.single_file.source import load_single_file_components
+
+        return load_single_file_components(cfg, family, only=only)
     source = resolve_pretrained(cfg.pretrained)
     revision = _revision(cfg, source)
     where = f"model.pretrained: {cfg.pretrained}"
@@ -306,12 +325,24 @@ def safetensors_only(source: str, revision: str | None, subfolder: str) -> bool 
 
 def local_model_folder(source: str, revision: str | None) -> Path | None:
     """A resolved `model.pretrained` on this disk: the folder itself, or a hub id's snapshot
-    in the Hugging Face cache; None when the hub id is not cached."""
+    in the Hugging Face cache; None when the hub id is not cached, or `source` is a
+    single-file checkpoint (it has no component folders)."""
     if os.path.isabs(source):
-        return Path(source)
+        return Path(source) if Path(source).is_dir() else None
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(source, revision=revision, local_files_only=True))
     except (OSError, ValueError):
         return None
+
+
+def load_base_pipeline(components: PipelineComponents, **replaced: Any) -> Any:
+    """The run's base pipeline as its family's class, with `replaced` components passed in."""
+    if is_single_file(components.source):
+        from difftrain.models.single_file.source import load_base_pipeline as from_file
+
+        return from_file(components, **replaced)
+    return components.family.pipeline_type().from_pretrained(
+        components.source, revision=components.revision, **replaced
+    )

@@ -12,13 +12,20 @@ is left for a person. The filled copy goes to `<ci-dir>/reports/mvp_smoke_checkl
 What is read, all under the ci-dir and all optional: `junit/*.xml` (one section per file),
 `logs/*.log`, `logs/nvidia-smi.txt|csv`, the newest `env.json` and every `metrics.jsonl`,
 and the training output folders the GPU smoke names in its JUnit properties. A missing
-file is reported as "not found"; only a missing ci-dir or template is an error.
+file is reported as "not found"; only a missing ci-dir or template is an error. Without an
+env.json (the runbook's plain pytest path), the environment, commit and nvidia-smi come from
+the machine running the report (`local_machine`), and the checklist says so.
 
 Only the standard library is used: the report must run where torch is not installed.
 
 The modules, by job: `junit` reads the JUnit XML, `evidence` gathers the rest of the ci-dir,
-`markdown` holds the table and text helpers, `machine`, `results`, `artifacts` and `scans`
-render the auto blocks, and `template` finds the checklist and fills its markers.
+`local_machine` describes this machine, `markdown` holds the table and text helpers,
+`machine`, `results`, `artifacts` and `scans` render the auto blocks, and `template` finds
+the checklist and fills its markers.
+
+`difftrain report RUN_DIR` is the other report, of one training run, as HTML (matplotlib
+for its plots, still no torch): `run_report` (the command), `run_facts` (reading the run
+folder), `plots`, `html_page` and `card_section` (the model card's link to it).
 """
 
 from __future__ import annotations

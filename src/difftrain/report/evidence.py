@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 
 from difftrain.report.junit import Section, read_sections
@@ -43,6 +44,19 @@ class Evidence:
 
     def section(self, name: str) -> Section | None:
         return next((s for s in self.sections if s.name == name), None)
+
+    @cached_property
+    def machine(self) -> dict:
+        """The machine running the report (local_machine), for what the ci-dir lacks."""
+        from difftrain.report.local_machine import machine_snapshot
+
+        return machine_snapshot()
+
+    @cached_property
+    def machine_smi_text(self) -> str | None:
+        from difftrain.report.local_machine import nvidia_smi_text
+
+        return nvidia_smi_text()
 
 
 def read_text(path: Path) -> str | None:

@@ -13,8 +13,10 @@ from pathlib import Path
 
 from difftrain.errors import UserError
 from difftrain.report.artifacts import render_artifacts
-from difftrain.report.evidence import Evidence
+from difftrain.report.evidence import SMOKE_LOG, Evidence
+from difftrain.report.local_machine import FROM_MACHINE
 from difftrain.report.machine import render_environment, render_nvidia_smi
+from difftrain.report.markdown import NOT_FOUND
 from difftrain.report.results import (
     render_durations,
     render_failures,
@@ -38,8 +40,63 @@ def render_source(ev: Evidence) -> str:
     )
 
 
+def utc(stamp: str) -> tuple[datetime, str] | None:
+    """A JUnit timestamp as naive UTC, with a note when it carries no offset."""
+    try:
+        when = datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        return when, " (the test machine's local time: the XML gives no offset)"
+    return when.astimezone(timezone.utc).replace(tzinfo=None), ""
+
+
+def run_time(ev: Evidence) -> str:
+    """When the tests ran: the earliest JUnit start, else when the CI-parity log was last
+    written, else now (and which of these it is)."""
+    stamps = [
+        (*parsed, section)
+        for section in ev.sections
+        if section.timestamp and (parsed := utc(section.timestamp))
+    ]
+    if stamps:
+        when, note, section = min(stamps, key=lambda item: item[0])
+        where = f"`{ev.rel(section.path)}`" if section.path else section.name
+        return f"{when:%Y-%m-%d %H:%M} UTC (start of the earliest JUnit suite, {where}){note}"
+    log = ev.ci_dir / "logs" / SMOKE_LOG
+    try:
+        written = datetime.fromtimestamp(log.stat().st_mtime, timezone.utc)
+    except OSError:
+        now = datetime.now(timezone.utc)
+        why = f"no JUnit XML or smoke log in `{ev.ci_dir.name}`"
+        return f"{now:%Y-%m-%d %H:%M} UTC (now, when the report was made: {why}; {FROM_MACHINE})"
+    why = f"when `{ev.rel(log)}` was last written: the end of the CI-parity run"
+    return f"{written:%Y-%m-%d %H:%M} UTC ({why})"
+
+
+def run_commit(ev: Evidence) -> str:
+    if ev.env is not None:
+        commit = ev.env.get("git_commit")
+        where = f"env.json `{ev.rel(ev.env_path)}`" if ev.env_path else "env.json"
+        return f"`{commit}` (from {where})" if commit else f"{NOT_FOUND} ({where} records none)"
+    commit, whose = ev.machine.get("git_commit"), ev.machine.get("commit_source")
+    if not commit:
+        return f"{NOT_FOUND} (no env.json, and no git checkout on the machine running the report)"
+    return f"`{commit}` ({whose}; {FROM_MACHINE})"
+
+
+def render_run(ev: Evidence) -> str:
+    return "\n".join(
+        [
+            f"- Run date/time (UTC): {run_time(ev)}",
+            f"- Repository commit (`git rev-parse HEAD`): {run_commit(ev)}",
+        ]
+    )
+
+
 BLOCKS: dict[str, Callable[[Evidence], str]] = {
     "source": render_source,
+    "run": render_run,
     "environment": render_environment,
     "summary": render_summary,
     "tests": render_tests,

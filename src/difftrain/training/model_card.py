@@ -37,10 +37,12 @@ def write_model_card(
     sample_grid: Path | None,
     pipeline_class: str = "StableDiffusionPipeline",
     dropped: tuple[str, ...] = (),
+    kohya: bool = False,
 ) -> Path:
     """Write `output_dir/README.md` (atomically) and return its path.
 
     `dropped`: components the run left out (SD3's T5), passed as None in the load code.
+    `kohya`: the run also wrote its LoRA in the kohya format (lora.export_formats).
     """
     output_dir = Path(output_dir)
     sections = [
@@ -50,6 +52,7 @@ def write_model_card(
         _settings_table(settings),
         _samples_section(output_dir, sample_grid),
         _load_section(output_dir, base_model, lora, pipeline_class, dropped),
+        _kohya_section() if lora and kohya else "",
     ]
     path = output_dir / "README.md"
     atomic_write_text(path, "\n".join(section for section in sections if section))
@@ -134,8 +137,10 @@ def _load_section(
     # diffusers loads a pipeline saved without a component only when told it is None.
     out_args = out + "".join(f", {name}=None" for name in dropped)
     if lora:
+        # A single-file base (model.pretrained: x.safetensors) loads with from_single_file.
+        loader = "from_single_file" if base_model.endswith(".safetensors") else "from_pretrained"
         lines = [
-            f"pipe = {pipeline_class}.from_pretrained({json.dumps(base_model)}"
+            f"pipe = {pipeline_class}.{loader}({json.dumps(base_model)}"
             + "".join(f", {name}=None" for name in dropped)
             + ")",
             f"pipe.load_lora_weights({out})",
@@ -151,3 +156,15 @@ def _load_section(
         ]
     )
     return f"## How to load\n\n```python\n{code}\n```\n"
+
+
+def _kohya_section() -> str:
+    from difftrain.models.lora_kohya import KOHYA_WEIGHTS
+
+    return (
+        f"### ComfyUI, AUTOMATIC1111, Forge\n\n`{KOHYA_WEIGHTS}` holds the same adapters in "
+        "the kohya key format: copy it into ComfyUI's `models/loras/` and pick it in a "
+        "LoraLoader node (AUTOMATIC1111 / Forge: `models/Lora/`, then `<lora:NAME:1>` in "
+        "the prompt). diffusers reads it too: "
+        f'`pipe.load_lora_weights(folder, weight_name="{KOHYA_WEIGHTS}")`.\n'
+    )

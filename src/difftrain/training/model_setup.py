@@ -95,6 +95,10 @@ def release_encoders(
     local = local_model_folder(components.source, components.revision)
     if local is not None:
         model_cfg = dataclasses.replace(model_cfg, pretrained=str(local), revision=None)
+    if components.single_file_config is not None:  # its hub id's snapshot, likewise
+        config = local_model_folder(components.single_file_config, None)
+        if config is not None:
+            model_cfg = dataclasses.replace(model_cfg, single_file_config=str(config))
     if components.vae_source is not None and os.path.isabs(components.vae_source):
         model_cfg = dataclasses.replace(model_cfg, vae=components.vae_source)
 

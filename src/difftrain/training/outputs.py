@@ -13,7 +13,7 @@ import torch
 
 from difftrain.config import Config
 from difftrain.io import TEMP_SUFFIX, replace_path
-from difftrain.models.loading import PipelineComponents, local_model_folder
+from difftrain.models.loading import PipelineComponents, load_base_pipeline, local_model_folder
 from difftrain.sampling import generate, image_grid
 from difftrain.training.modes import eval_mode
 
@@ -106,12 +106,11 @@ def _weights_format(part) -> dict:
 
 
 def _save_whole_pipeline(components: PipelineComponents, denoiser, staging: Path) -> None:
-    family = components.family
-    pipeline = family.pipeline_type().from_pretrained(
-        components.source,
-        revision=components.revision,
+    # From the base model's files (a folder, a hub id, or a single-file checkpoint).
+    pipeline = load_base_pipeline(
+        components,
         scheduler=components.inference_scheduler,
-        **{family.denoiser: denoiser},
+        **{components.family.denoiser: denoiser},
         **_replaced_parts(components),
     )
     pipeline.save_pretrained(str(staging), safe_serialization=True)

@@ -18,6 +18,9 @@ from difftrain.data.sources import scan_sources
 from difftrain.errors import UserError
 from difftrain.models.families.base import ModelFamily
 from difftrain.models.loading import model_family
+from difftrain.models.lora_kohya import check_export_formats
+from difftrain.models.single_file.source import check_single_file_options
+from difftrain.training.hub_upload import check_hub_upload
 from difftrain.training.resume import (
     check_resume_config,
     check_resume_steps,
@@ -52,14 +55,17 @@ def check_inputs(
     skip_bad = cfg.data.on_bad_image == "skip"
     examples = scan_sources(cfg.data, check=not skip_bad)
     examples, skipped = drop_unreadable(examples) if skip_bad else (examples, [])
+    check_single_file_options(cfg.model)
     family = model_family(cfg.model, train_cfg)
     family.check_config(cfg)
+    check_export_formats(cfg.lora, family)
     buckets = None
     if cfg.data.buckets:
         block = train_cfg.batch_size * num_processes
         paths = [example.image_path for example in examples]
         buckets = bucket_examples(paths, cfg.data, family.size_step, block)
     check_tracker_available(train_cfg.report_to)
+    check_hub_upload(train_cfg.push_to_hub, cfg.hub)
     if cfg.validation.loss_every_steps:
         scan_image_folder(cfg.validation.loss_dir, cfg.data.caption_column)
     output_dir = Path(train_cfg.output_dir)

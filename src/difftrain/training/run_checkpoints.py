@@ -119,12 +119,17 @@ class RunCheckpoints:
                 plain_copy(self.denoiser),
                 full_optimizer_state(self.denoiser, self.optimizer),
             )
+        uploads = self.hub_uploads()  # main process with train.push_to_hub, else None
+        if uploads is not None:
+            uploads.before_checkpoint(self.cfg.checkpointing.total_limit)
         path = save_checkpoint(
             self.accelerator, self.output_dir, self.progress.step,
             total_limit=self.cfg.checkpointing.total_limit,
             write_main=lambda folder: self._write_checkpoint_files(folder, gathered),
         )  # fmt: skip
         logger.info("saved %s", path)
+        if uploads is not None:
+            uploads.push_checkpoint(path)  # in the background (hub.push_checkpoints)
         return True
 
     def _trained_models_spec(self, denoiser=None) -> dict[str, object]:

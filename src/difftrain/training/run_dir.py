@@ -165,8 +165,11 @@ def _refuse_overlap_with_inputs(output_dir: Path, cfg: Config) -> None:
     from difftrain.models.tiny import builtin_cache_dir
 
     inputs = {"data.train_dir": cfg.data.train_dir, "validation.loss_dir": cfg.validation.loss_dir}
-    if Path(cfg.model.pretrained).is_dir():
+    if Path(cfg.model.pretrained).exists():  # a folder, or a single-file checkpoint
         inputs["model.pretrained"] = cfg.model.pretrained
+    single_file_config = cfg.model.single_file_config
+    if single_file_config and Path(single_file_config).expanduser().is_dir():
+        inputs["model.single_file_config"] = single_file_config
     if cfg.data.dataset and Path(cfg.data.dataset).expanduser().is_dir():
         inputs["data.dataset"] = cfg.data.dataset
     for index, entry in enumerate(cfg.data.sources):

@@ -56,6 +56,7 @@ class RunOutputs:
             path = save_validation_grid(self.components, parts, denoiser, self.cfg, step)
         self.last_grid = path
         logger.info("saved validation samples %s", path)
+        self.tracker.log_image("samples", path, step)
 
     @contextmanager
     def final_weights(self, denoiser) -> Iterator[None]:
@@ -112,6 +113,7 @@ class RunOutputs:
             pipeline_class=self.family.pipeline_class,
             dropped=self.family.dropped_parts(),
             sample_grid=self.last_grid,
+            kohya="kohya" in cfg.lora.export_formats,
         )
 
     def gather_for_publish(self) -> None:
@@ -140,6 +142,35 @@ class RunOutputs:
                 f"could not write the trained model to {self.output_dir} ({reason}); "
                 f"{intact} once you free space or fix permissions"
             ) from None
+        uploads = self.hub_uploads()
+        if uploads is not None:
+            from difftrain.training.hub_upload import upload_patterns
+
+            # Waited for by the trainer once every process is past its barrier.
+            uploads.push_outputs(
+                upload_patterns(self.output_dir, lora=self.cfg.lora.enabled,
+                                last_grid=self.last_grid),
+                self.progress.step,
+            )  # fmt: skip
+
+    def hub_uploads(self):
+        """The run's HubUploads (main process, train.push_to_hub), made on first use."""
+        if not (self.cfg.train.push_to_hub and self.accelerator.is_main_process):
+            return None
+        if getattr(self, "_hub_uploads", None) is None:
+            from difftrain.training.hub_upload import HubUploads
+
+            self._hub_uploads = HubUploads(
+                self.cfg.hub, self.output_dir, peers_wait=self.accelerator.num_processes > 1
+            )
+        return self._hub_uploads
+
+    def finish_uploads(self) -> None:
+        """Main process: wait for every upload to the Hub; a failed final upload raises
+        HubUploadFailed (one line, exit 2) with the command that uploads the outputs later."""
+        uploads = getattr(self, "_hub_uploads", None)
+        if uploads is not None:
+            uploads.wait()
 
     def _save_outputs(self) -> None:
         """The final pipeline (full fine-tune) or adapter weights (LoRA) in OUTPUT_DIR."""
@@ -148,6 +179,17 @@ class RunOutputs:
             from difftrain.models.lora import save_lora_weights
 
             save_lora_weights(self.output_dir, self.family, denoiser, self.trained_text_encoders)
+            if "kohya" in self.cfg.lora.export_formats:
+                from difftrain.models.lora_kohya import kohya_metadata, save_kohya_lora
+
+                metadata = kohya_metadata(
+                    self.cfg, self.family, denoiser, steps=self.progress.step,
+                    num_images=len(self.dataset), prediction_type=self.objective.prediction_type,
+                    num_processes=self.accelerator.num_processes,
+                )  # fmt: skip
+                save_kohya_lora(
+                    self.output_dir, self.family, denoiser, self.trained_text_encoders, metadata
+                )
             return
         from difftrain.training.outputs import save_final_pipeline
 

@@ -2,8 +2,13 @@
 and a progress bar on an interactive terminal.
 
 The trainer builds one tracker with `build_tracker(accelerator.is_main_process, ...)` and calls
-`log(record)` once per optimizer step. Processes other than the main one get `NullTracker`,
-with the same methods, so the loop never branches on "is logging on".
+`log(record)` once per optimizer step, and `log_image(tag, path, step)` for each validation
+grid. Processes other than the main one get `NullTracker`, with the same methods, so the loop
+never branches on "is logging on".
+
+TensorBoard writes OUTPUT_DIR/logs/tensorboard (`tensorboard --logdir OUTPUT_DIR/logs`); W&B
+writes OUTPUT_DIR/logs/wandb and follows its own variables (WANDB_MODE=offline, then
+`wandb sync`). Neither prints on the console: a run on a terminal stays one progress bar.
 """
 
 from __future__ import annotations
@@ -95,6 +100,21 @@ class RunTracker:
         if self._bar is not None and isinstance(step, int):
             _advance_bar(self._bar, step, record)
 
+    def log_image(self, tag: str, path: Path, step: int) -> None:
+        """Send the image file at `path` (a validation grid) to the backend at `step`."""
+        if self._tensorboard is not None:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            self._tensorboard.add_image(tag, pixels, global_step=step, dataformats="HWC")
+        if self._wandb is not None:
+            import wandb
+
+            # At the step of the metrics just logged: W&B merges them into one row.
+            self._wandb.log({tag: wandb.Image(str(path))}, step=step)
+
     def close(self) -> None:
         """Close the bar and every backend; safe to call more than once."""
         if self._closed:
@@ -115,6 +135,9 @@ class NullTracker:
     shows_progress = False
 
     def log(self, record: dict[str, object]) -> None:
+        pass
+
+    def log_image(self, tag: str, path: Path, step: int) -> None:
         pass
 
     def close(self) -> None:
@@ -163,14 +186,17 @@ def _open_tensorboard(output_dir: Path, start_step: int):
 def _open_wandb(output_dir: Path, run_config: dict | None):
     import wandb
 
-    wandb.init(
+    return wandb.init(
         project=WANDB_PROJECT,
         dir=str(output_dir / "logs"),
         config=run_config,
         id=_wandb_run_id(output_dir),
         resume="allow",
+        # No banner, sync hints or run summary on the terminal, and no capture of the run's
+        # own console (its lines are in logs/train.log already): the progress bar stays one
+        # line. Its own logs still go to logs/wandb/.
+        settings=wandb.Settings(silent=True, console="off"),
     )
-    return wandb
 
 
 def _wandb_run_id(output_dir: Path) -> str:

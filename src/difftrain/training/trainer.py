@@ -10,8 +10,10 @@ run continues the exact stream: it is bit-identical to the run that was never in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -103,7 +105,7 @@ def _train(
         check_compile_supported(accelerator.device)
     main = accelerator.is_main_process
     clock = RunClock()
-    lock = tracker = None
+    lock = tracker = run = None
     log_handlers: list[logging.Handler] = []
     try:
         # Checked once, on the main process (data scan, image and checkpoint hashes).
@@ -178,8 +180,15 @@ def _train(
                 logger.warning("%s arrived after the last step: the outputs are complete",
                                signal.Signals(received[0]).name)  # fmt: skip
         accelerator.wait_for_everyone()
+        if main:  # the other processes need not wait for the Hub
+            run.finish_uploads()
         return TrainResult(output_dir, len(losses), losses, resumed_from=checkpoint)
     finally:
+        if run is not None and main and sys.exc_info()[0] is not None:
+            # A run that stops on an error or a signal still lets a checkpoint upload that is
+            # under way finish; its own failure must not hide the error that stopped the run.
+            with contextlib.suppress(Exception):
+                run.finish_uploads()
         if tracker is not None:
             tracker.close()
         release_accelerator(accelerator)
