@@ -18,6 +18,14 @@ import sys
 from pathlib import Path
 
 from difftrain import __version__
+from difftrain.cli_options import (
+    add_export_options,
+    add_report_options,
+    add_reproduce_options,
+    add_run_options,
+    add_sample_options,
+    add_train_options,
+)
 from difftrain.errors import TrainingStopped, UserError
 from difftrain.quiet import quiet_third_party
 
@@ -177,49 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler, loads_models=loads_models)
         return sub
 
-    def add_run_options(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--config", required=True, help="YAML config file")
-        sub.add_argument("--output-dir", help="output folder (overrides train.output_dir)")
-        sub.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="SECTION.KEY=VALUE",
-            help="override a config key, e.g. --set train.max_steps=10 (repeatable)",
-        )
-        sub.add_argument(
-            "--deterministic",
-            action="store_true",
-            help="seed everything and use deterministic kernels (sets train.deterministic)",
-        )
-        sub.add_argument(
-            "--overwrite",
-            action="store_true",
-            help="replace a different run already in the output folder",
-        )
-
     sub = add("train", cmd_train, "fine-tune a pipeline as a config describes", loads_models=True)
     add_run_options(sub)
-    sub.add_argument(
-        "--resume-from-checkpoint",
-        metavar="PATH|latest",
-        help="continue from a checkpoint-N folder, or the newest one (sets "
-        "train.resume_from_checkpoint)",
-    )
-    sub.add_argument(
-        "--num-processes",
-        type=int,
-        metavar="N",
-        help="train in N processes on this machine (one per GPU; CPU processes with gloo "
-        "when there is no GPU); see docs/distributed.md for accelerate launch and torchrun",
-    )
-    sub.add_argument(
-        "--allow-config-change",
-        action="append",
-        default=[],
-        metavar="KEY[,KEY...]",
-        help="resume even though these config keys differ from the checkpoint's",
-    )
+    add_train_options(sub)
     add_run_options(
         add(
             "validate-config",
@@ -263,27 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--seed", type=int, default=0)
 
     sub = add("sample", cmd_sample, "generate one image from a pipeline folder", loads_models=True)
-    sub.add_argument(
-        "--model", required=True, help="pipeline folder (e.g. a training output) or hub id"
-    )
-    sub.add_argument("--prompt", required=True)
-    sub.add_argument(
-        "--output", default="sample.png", help="image file to write (.png, .jpg, .webp ...)"
-    )
-    sub.add_argument("--seed", type=int, default=0)
-    sub.add_argument("--steps", type=int, default=25, help="inference steps")
-    sub.add_argument(
-        "--guidance-scale",
-        type=float,
-        help="classifier-free guidance (Flux: its distilled-guidance input); default: the "
-        "pipeline's own (SD 7.5, SDXL 5, SD3 7, Flux 3.5)",
-    )
-    sub.add_argument("--height", type=int, help="multiple of 8 (default: the model's size)")
-    sub.add_argument("--width", type=int, help="multiple of 8 (default: the model's size)")
-    sub.add_argument(
-        "--lora", help="folder with pytorch_lora_weights.safetensors (or that file) to apply"
-    )
-    sub.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    add_sample_options(sub)
 
     sub = add(
         "report",
@@ -291,14 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fill the smoke checklist from the logs, JUnit XML and artifacts under --ci-dir; "
         "with RUN_DIR, write RUN_DIR/report.html (plots, samples, config, data) instead",
     )
-    sub.add_argument(
-        "run_dir",
-        nargs="?",
-        metavar="RUN_DIR",
-        help="a training output folder: write its report.html and link it from its README.md",
-    )
-    sub.add_argument("--ci-dir", help="folder the test runs wrote into (default: _ci_tmp)")
-    sub.add_argument("--template", help="checklist template (default: docs/mvp_smoke_checklist.md)")
+    add_report_options(sub)
 
     sub = add(
         "reproduce",
@@ -306,15 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train a finished run again from its config.yaml and compare metrics.jsonl step by step",
         loads_models=True,
     )
-    sub.add_argument("run_dir", metavar="RUN_DIR", help="the output folder of a training run")
-    sub.add_argument("--steps", type=int, metavar="N", help="compare the first N steps only")
-    sub.add_argument(
-        "--force",
-        action="store_true",
-        help="compare even when the data, package versions or hardware differ from the run's",
-    )
-    sub.add_argument("--output-dir", help="keep the reproduction here (default: a temporary "
-                     "folder, removed afterwards)")  # fmt: skip
+    add_reproduce_options(sub)
 
     sub = add(
         "export",
@@ -322,12 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         "write a full fine-tune's pipeline as one original-layout checkpoint (ComfyUI, A1111)",
         loads_models=True,
     )
-    sub.add_argument("run_dir", metavar="RUN_DIR", help="the output folder of a full fine-tune")
-    # Checked by the command, not argparse: a bad value is then one `difftrain: error:` line.
-    sub.add_argument("--format", default="single-file", metavar="{single-file}",
-                     help="single-file: one .safetensors in the original key layout")  # fmt: skip
-    sub.add_argument("--output", required=True, help="the .safetensors file to write")
-    sub.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    add_export_options(sub)
 
     add("env", cmd_env, "print the environment snapshot (versions, GPU, determinism) as JSON")
 

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from difftrain.errors import UserError
+from difftrain.training.metrics import read_step_records
 
 TIMING_KEYS = frozenset({"step_time_s", "elapsed_s", "compile_s"})
 """metrics.jsonl keys that measure the machine, not the run: never compared."""
@@ -38,32 +39,35 @@ def run_reproduce(
     from difftrain.config import load_config
 
     recorded, env = read_run(run_dir)
-    if steps is not None and not 1 <= steps <= len(recorded):
+    last = max(recorded)
+    if steps is not None and not min(recorded) <= steps <= last:
         raise UserError(
-            f"--steps {steps}: {run_dir}/metrics.jsonl holds steps 1 to {len(recorded)}; "
+            f"--steps {steps}: {run_dir}/metrics.jsonl holds steps {min(recorded)} to {last}; "
             f"pass a number in that range"
         )
-    steps = steps or len(recorded)
+    compared = {step: record for step, record in recorded.items() if step <= (steps or last)}
     work = Path(tempfile.mkdtemp(prefix="difftrain-reproduce-")) if output_dir is None else None
-    target = output_dir if output_dir is not None else work / "run"
+    target = output_dir.resolve() if output_dir is not None else work / "run"
     try:
         cfg = load_config(run_dir / "config.yaml", [
             f"train.output_dir={target}", "train.resume_from_checkpoint=null",
-            # A reproduction is a check, not a run to publish or track.
+            # A reproduction is a check: nothing to publish, track or resume from. None of
+            # these changes the numbers (checkpoints and uploads draw no random numbers).
             "train.push_to_hub=false", "hub.push_checkpoints=false", "train.report_to=none",
+            "checkpointing.every_steps=0",
         ])  # fmt: skip
         if not force:
             refuse_other_inputs(run_dir, cfg, env)
         from difftrain.training.trainer import train
 
-        train(cfg, stop_after=steps)
-        reproduced = read_metrics(target / "metrics.jsonl")
+        train(cfg, stop_after=max(compared), save_outputs=output_dir is not None)
+        reproduced, _ = read_step_records(target / "metrics.jsonl")
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
-    difference = first_difference(recorded[:steps], reproduced)
+    difference = first_difference(compared, reproduced)
     if difference is None:
-        return True, f"identical: {steps} steps of {run_dir / 'metrics.jsonl'} reproduced"
+        return True, f"identical: {len(compared)} steps of {run_dir / 'metrics.jsonl'} reproduced"
     return False, difference
 
 
@@ -77,7 +81,10 @@ def read_run(run_dir: Path) -> tuple[list[dict], dict]:
                 f"{run_dir} has no {name}, so it is not a finished difftrain run; pass the "
                 "folder a `difftrain train` wrote"
             )
-    recorded = read_metrics(run_dir / "metrics.jsonl")
+    try:
+        recorded, _ = read_step_records(run_dir / "metrics.jsonl")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{run_dir}/metrics.jsonl is unreadable ({exc})") from None
     if not recorded:
         raise UserError(f"{run_dir}/metrics.jsonl records no step; there is nothing to compare")
     try:
@@ -87,17 +94,6 @@ def read_run(run_dir: Path) -> tuple[list[dict], dict]:
     if not isinstance(env, dict):
         raise UserError(f"{run_dir}/env.json does not hold an object; it is not a run")
     return recorded, env
-
-
-def read_metrics(path: Path) -> list[dict]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-        records = [json.loads(line) for line in lines if line.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is unreadable ({exc}); it is not a run's metrics") from None
-    if not all(isinstance(record, dict) for record in records):
-        raise UserError(f"{path}: a line is not a JSON object; it is not a run's metrics")
-    return records
 
 
 def refuse_other_inputs(run_dir: Path, cfg, env: dict) -> None:
@@ -121,7 +117,7 @@ def refuse_other_inputs(run_dir: Path, cfg, env: dict) -> None:
 
 
 def data_differences(run_dir: Path, cfg) -> str | None:
-    from difftrain.data.folder import drop_unreadable
+    from difftrain.data.folder import drop_unreadable, scan_image_folder
     from difftrain.data.manifest import MANIFEST_NAME, build_manifest, manifest_differences
     from difftrain.data.sources import scan_sources
 
@@ -136,7 +132,10 @@ def data_differences(run_dir: Path, cfg) -> str | None:
     examples = scan_sources(cfg.data, check=not skip_bad)
     if skip_bad:
         examples, _ = drop_unreadable(examples)
-    problems = manifest_differences(recorded, build_manifest(examples, cfg.data))
+    validation = []
+    if cfg.validation.loss_every_steps:
+        validation = scan_image_folder(cfg.validation.loss_dir, cfg.data.caption_column)
+    problems = manifest_differences(recorded, build_manifest(examples, cfg.data, validation))
     return ", ".join(problems) or None
 
 
@@ -184,17 +183,16 @@ def hardware_class(env: dict) -> str:
 _ARCHITECTURES = {"x86_64", "aarch64", "arm64", "AMD64", "ppc64le", "s390x", "i686"}
 
 
-def first_difference(recorded: list[dict], reproduced: list[dict]) -> str | None:
+def first_difference(recorded: dict[int, dict], reproduced: dict[int, dict]) -> str | None:
     """The first step and key whose values differ, in words; None when all are equal."""
-    for old, new in zip(recorded, reproduced, strict=False):
+    for step in sorted(recorded):
+        old, new = recorded[step], reproduced.get(step)
+        if new is None:
+            return f"the reproduction has no step {step}; the run has it"
         for key in sorted((set(old) | set(new)) - TIMING_KEYS):
             if old.get(key) != new.get(key):
                 return (
-                    f"differs at step {old.get('step')}: {key} {old.get(key)!r} in the run, "
+                    f"differs at step {step}: {key} {old.get(key)!r} in the run, "
                     f"{new.get(key)!r} reproduced"
                 )
-    if len(reproduced) < len(recorded):
-        return (
-            f"the reproduction stopped after {len(reproduced)} steps; the run has {len(recorded)}"
-        )
     return None

@@ -58,7 +58,18 @@ def _no_token(ws: Workspace) -> Case:
     )
 
 
+def _checkpoints_without_push(ws: Workspace) -> Case:
+    config = ws.data_config(
+        "hub-checkpoints-only", "hub: {repo_id: me/tiny, push_checkpoints: true}\n"
+    )
+    return Case(
+        ["train", "--config", config, *ws.out],
+        "hub.push_checkpoints: true uploads checkpoints only with train.push_to_hub: true",
+    )
+
+
 CASES: dict[str, Callable[[Workspace], Case]] = {
+    "hub_push_checkpoints_without_push_to_hub": _checkpoints_without_push,
     "hub_push_without_repo_id": _no_repo_id,
     "hub_repo_id_not_valid": _bad_repo_id,
     "hub_push_while_offline": _offline,

@@ -7,14 +7,16 @@ from collections.abc import Callable
 from bad_input_table import Case, Workspace
 
 
-def _export_case(formats: str, expected: str, builtin: str = "tiny") -> Callable[[Workspace], Case]:
+def _export_case(
+    formats: str, expected: str, builtin: str = "tiny", enabled: str = "true"
+) -> Callable[[Workspace], Case]:
     """Train a LoRA on `builtin:<builtin>` with `lora.export_formats: <formats>`."""
 
     def build(ws: Workspace) -> Case:
         config = ws.data_config(
             "lora-export",
             f"model: {{pretrained: 'builtin:{builtin}'}}\n"
-            f"lora: {{enabled: true, export_formats: {formats}}}\n",
+            f"lora: {{enabled: {enabled}, export_formats: {formats}}}\n",
         )
         return Case(["train", "--config", config, *ws.out], expected)
 
@@ -35,6 +37,11 @@ CASES: dict[str, Callable[[Workspace], Case]] = {
     ),
     "lora.export_formats: kohya twice": _export_case(
         "[kohya, diffusers, kohya]", "lora.export_formats: lists kohya more than once"
+    ),
+    "lora.export_formats: kohya on a full fine-tune": _export_case(
+        "[kohya]",
+        "lora.export_formats: is set but LoRA is off, so a full fine-tune would run",
+        enabled="false",
     ),
     "lora.export_formats: unknown format": _export_case(
         "[diffusers, comfyui]", "lora.export_formats[1]: must be one of diffusers, kohya"

@@ -13,7 +13,7 @@ from pathlib import Path
 from bad_input_table import Case, Workspace
 
 
-def recorded_run(ws: Workspace, edit_env=None, manifest: bool = True) -> Path:
+def recorded_run(ws: Workspace, edit_env=None, manifest: bool = True, extra: str = "") -> Path:
     """A run folder of the workspace's tiny model on its dummy data; `edit_env(env)` changes
     the recorded environment."""
     from difftrain.config import dump_config, resolve_run_config
@@ -22,7 +22,7 @@ def recorded_run(ws: Workspace, edit_env=None, manifest: bool = True) -> Path:
     from difftrain.environment import collect_environment
 
     run = ws.folder("run")
-    config = ws.data_config("run", f"model: {{pretrained: '{ws.model}'}}\n")
+    config = ws.data_config("run", f"model: {{pretrained: '{ws.model}'}}\n" + extra)
     cfg = resolve_run_config(config, output_dir=str(run))
     dump_config(cfg, run / "config.yaml")
     env = {**collect_environment(), "processes": {"num_processes": 1}}
@@ -31,7 +31,7 @@ def recorded_run(ws: Workspace, edit_env=None, manifest: bool = True) -> Path:
     (run / "env.json").write_text(json.dumps(env))
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
     if manifest:
-        write_manifest(run, scan_sources(cfg.data), cfg.data)
+        write_manifest(run, scan_sources(cfg.data), cfg.data, cfg.validation)
     return run
 
 
@@ -43,8 +43,8 @@ def edited_image(ws: Workspace) -> Case:
     run = recorded_run(ws)
     image = sorted(ws.data.glob("*.png"))[1]
     image.write_bytes(image.read_bytes() + b"\0")  # same name, other content
-    return Case(reproduce(run), f"the data differs from {run}/data_manifest.json: {image} has "
-                "other content; restore what the run had, or pass --force")  # fmt: skip
+    return Case(reproduce(run), f"the data differs from {run}/data_manifest.json: image {image} "
+                "has other content; restore what the run had, or pass --force")  # fmt: skip
 
 
 def removed_image(ws: Workspace) -> Case:
@@ -94,8 +94,26 @@ def missing_folder(ws: Workspace) -> Case:
 
 def torn_metrics(ws: Workspace) -> Case:
     run = recorded_run(ws)
-    (run / "metrics.jsonl").write_text('{"step": 1, "loss"')
-    return Case(reproduce(run), "metrics.jsonl is unreadable")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss"')  # a kill in the first line
+    return Case(reproduce(run), "metrics.jsonl records no step; there is nothing to compare")
+
+
+def edited_caption(ws: Workspace) -> Case:
+    run = recorded_run(ws)
+    metadata = ws.data / "metadata.jsonl"
+    metadata.write_text(metadata.read_text().replace("a red circle", "a blue circle", 1))
+    image = ws.data / "00000.png"
+    return Case(reproduce(run), f"the caption of image {image} changed")
+
+
+def edited_validation_image(ws: Workspace) -> Case:
+    import shutil
+
+    held_out = Path(shutil.copytree(ws.data, ws.root / "held_out"))
+    run = recorded_run(ws, extra=f"validation: {{loss_dir: '{held_out}', loss_every_steps: 1}}\n")
+    image = held_out / "00002.png"
+    image.write_bytes(image.read_bytes() + b"\0")
+    return Case(reproduce(run), f"validation image {image} has other content")
 
 
 CASES: dict[str, Callable[[Workspace], Case]] = {
@@ -109,4 +127,6 @@ CASES: dict[str, Callable[[Workspace], Case]] = {
     "reproduce: a folder that is not a run": not_a_run,
     "reproduce: a folder that does not exist": missing_folder,
     "reproduce: torn metrics.jsonl": torn_metrics,
+    "reproduce: a caption edited": edited_caption,
+    "reproduce: a held-out image edited": edited_validation_image,
 }

@@ -221,8 +221,14 @@ def test_checkpoint_uploads_do_not_block_and_pruning_waits_a_bounded_time(
     assert stand_in.files() == {"checkpoints/checkpoint-2/weights.bin": b"\x01" * 1000}
 
 
+@pytest.mark.parametrize("total_limit", [None, 1])
 def test_a_failed_checkpoint_upload_is_a_warning_and_training_goes_on(
-    stand_in: HubStandIn, tmp_path: Path, dummy_data_dir: Path, tiny_model_dir: Path, caplog
+    stand_in: HubStandIn,
+    tmp_path: Path,
+    dummy_data_dir: Path,
+    tiny_model_dir: Path,
+    caplog,
+    total_limit: int | None,
 ) -> None:
     real = stand_in._answer
     calls = []
@@ -236,13 +242,17 @@ def test_a_failed_checkpoint_upload_is_a_warning_and_training_goes_on(
     stand_in._answer = first_commit_fails
     out = tmp_path / "out"
     cfg = hub_config(out, dummy_data_dir, train={"max_steps": 2}, hub={"push_checkpoints": True},
-                     lora={"enabled": True}, checkpointing={"every_steps": 1})  # fmt: skip
+                     lora={"enabled": True},
+                     checkpointing={"every_steps": 1, "total_limit": total_limit})  # fmt: skip
     with caplog.at_level("WARNING", logger="difftrain"):
         result = train(cfg)
     assert result.steps == 2
     warning = next(r.getMessage() for r in caplog.records if "checkpoint-1" in r.getMessage())
     assert warning.startswith("could not upload checkpoint-1 to the Hub (")
     assert f"hf upload {REPO} {out / 'checkpoint-1'} checkpoints/checkpoint-1" in warning
+    # A checkpoint the limit is about to prune: the later command would find no folder.
+    pruned = "before checkpointing.total_limit prunes it (raise the limit to keep it)"
+    assert warning.endswith(pruned) == (total_limit is not None)
     remote = stand_in.files()
     assert not any(name.startswith("checkpoints/checkpoint-1/") for name in remote)
     assert any(name.startswith("checkpoints/checkpoint-2/") for name in remote)

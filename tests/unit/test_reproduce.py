@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from test_families import family_config
 
 from difftrain.cli import main
 from difftrain.config import config_from_dict
-from difftrain.data.manifest import build_manifest
+from difftrain.data.manifest import build_manifest, write_manifest
 from difftrain.data.sources import scan_sources
 from difftrain.training.trainer import train
 
@@ -57,15 +58,40 @@ def test_a_run_records_its_files_and_its_times(tmp_path: Path, data: Path, built
 
 
 def test_the_manifest_says_which_source_each_image_came_from(tmp_path: Path, data: Path) -> None:
-    second = Path(shutil.copytree(data, tmp_path / "second"))
-    cfg = config_from_dict(
-        {"data": {"sources": [{"train_dir": str(data), "repeats": 3}, {"train_dir": str(second)}]}}
-    )
+    nested = Path(shutil.copytree(data, data / "nested"))  # inside the first source's folder
+    cfg = config_from_dict({"data": {"sources": [
+        {"train_dir": str(data), "repeats": 3}, {"train_dir": str(nested)},
+        {"train_dir": str(data)},  # the same folder again: its own entries
+    ]}})  # fmt: skip
     manifest = build_manifest(scan_sources(cfg.data), cfg.data)
-    assert [s["files"] for s in manifest["sources"]] == [8, 8]  # repeats list an image once
-    assert [s["repeats"] for s in manifest["sources"]] == [3, 1]
-    assert [f["source"] for f in manifest["files"]] == [0] * 8 + [1] * 8
-    assert all(Path(f["path"]).parent == second for f in manifest["files"][8:])
+    assert [s["files"] for s in manifest["sources"]] == [8, 8, 8]  # repeats list an image once
+    assert [s["repeats"] for s in manifest["sources"]] == [3, 1, 1]
+    assert [f["source"] for f in manifest["files"]] == [0] * 8 + [1] * 8 + [2] * 8
+    assert all(Path(f["path"]).parent == nested for f in manifest["files"][8:16])
+
+
+def test_a_resume_reuses_the_recorded_hashes_of_unchanged_files(
+    tmp_path: Path, data: Path, monkeypatch
+) -> None:
+    from difftrain.data import manifest as manifest_module
+
+    cfg = config_from_dict({"data": {"train_dir": str(data)}})
+    examples = scan_sources(cfg.data)
+    first = write_manifest(tmp_path, examples, cfg.data, cfg.validation)
+    hashed = []
+    real = manifest_module.sha256_file
+    monkeypatch.setattr(manifest_module, "sha256_file", lambda p: hashed.append(p) or real(p))
+    assert write_manifest(tmp_path, examples, cfg.data, cfg.validation) == first
+    assert hashed == []
+    # Other pixels, same size, the old mtime put back: the ctime still tells.
+    image = sorted(data.glob("*.png"))[3]
+    stat, content = image.stat(), bytearray(image.read_bytes())
+    content[-20] ^= 0xFF
+    image.write_bytes(bytes(content))
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = write_manifest(tmp_path, examples, cfg.data, cfg.validation)
+    assert hashed == [image]
+    assert again["files"][3]["sha256"] == hashlib.sha256(bytes(content)).hexdigest()
 
 
 def test_reproduce_says_identical_for_a_whole_run_and_for_its_first_steps(
@@ -113,3 +139,13 @@ def test_forced_reproduction_on_edited_data_differs(
     assert "has other content" in capsys.readouterr().err
     assert main(["reproduce", str(out), "--force"]) == 1
     assert "differs at step 1" in capsys.readouterr().out
+
+
+def test_a_torn_last_metrics_line_is_left_out(
+    tmp_path: Path, data: Path, builtin_cache, capsys
+) -> None:
+    out = cosine_run(tmp_path, data, steps=2)
+    with open(out / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 3, "lo')  # a kill mid-line
+    assert main(["reproduce", str(out)]) == 0
+    assert "identical: 2 steps" in capsys.readouterr().out

@@ -30,6 +30,8 @@ VALUE_CHECKED_MODES = {"I", "F"}
 class Example:
     image_path: Path
     caption: str
+    source: int = 0
+    """Which of `data.sources` it came from (0 with a single source): the data manifest's."""
 
 
 def scan_image_folder(

@@ -2,23 +2,30 @@
 
     {"format": 1,
      "sources": [{"kind": "folder", "id": "/data/cats", "repeats": 1, "files": 8}],
-     "files": [{"path": "/data/cats/0001.png", "size": 20431, "sha256": "...", "source": 0}]}
+     "files": [{"path": "/data/cats/0001.png", "size": 20431, "sha256": "...",
+                "caption_sha256": "...", "source": 0, "signature": [...]}],
+     "validation_files": [...]}
 
 A source's `id` is what the user named (a folder, a `datasets` id or folder, a shard pattern);
 a file's `path` is the image as the run read it: a file, `shard.tar:member` or `dataset[row]`.
-Each image is listed once, however many times `repeats` puts it in the sample stream.
-`difftrain reproduce` builds the manifest of today's data again and compares the two, so an
-image edited under the same name is found before any step is trained.
+Each image is listed once per source, however many times `repeats` puts it in the sample
+stream. `validation_files` are the held-out images of `validation.loss_dir`, whose loss is in
+the metrics too. `difftrain reproduce` builds the manifest of today's data again and compares
+the two, so an image or caption edited under the same name is found before any step is trained.
+
+Hashing every image costs a read of the data at each start. A resumed run, in its own
+folder, reuses the recorded sha256 of each file whose `signature` (size, mtime, ctime, inode,
+device) is unchanged, as the latent cache does; ctime cannot be set back, so an edit is seen.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from difftrain.data.folder import Example
-from difftrain.data.sources import DatasetRow, TarMember, image_hash
-from difftrain.io import atomic_write_json
+from difftrain.io import atomic_write_json, sha256_file
 
 MANIFEST_NAME = "data_manifest.json"
 MANIFEST_FORMAT = 1
@@ -38,29 +45,50 @@ def source_entries(data_cfg) -> list[dict[str, object]]:
     return entries
 
 
-def build_manifest(examples: list[Example], data_cfg) -> dict[str, object]:
-    """The manifest of `examples` (the run's checked sample list, repeats included)."""
+def build_manifest(
+    examples: list[Example],
+    data_cfg,
+    validation: list[Example] = (),
+    known: dict[str, tuple[list, str]] | None = None,
+) -> dict[str, object]:
+    """The manifest of `examples` (the run's checked sample list, repeats included) and of the
+    `validation` examples; `known` (path -> (signature, sha256)) saves re-hashing."""
+    known = known or {}
     sources = source_entries(data_cfg)
-    files, seen = [], set()
-    for example in examples:
-        image = example.image_path
-        name = str(image)
-        if name in seen:
-            continue
-        seen.add(name)
-        size, digest = _size_and_hash(image)
-        files.append(
-            {"path": name, "size": size, "sha256": digest, "source": _source_of(image, sources)}
-        )
+    files = _entries(examples, known)
     for number, source in enumerate(sources):
-        source["files"] = sum(1 for f in files if f["source"] == number)
-    return {"format": MANIFEST_FORMAT, "sources": sources, "files": files}
-
-
-def write_manifest(output_dir: Path, examples: list[Example], data_cfg) -> dict[str, object]:
-    manifest = build_manifest(examples, data_cfg)
-    atomic_write_json(Path(output_dir) / MANIFEST_NAME, manifest)
+        source["files"] = sum(1 for entry in files if entry["source"] == number)
+    manifest = {"format": MANIFEST_FORMAT, "sources": sources, "files": files}
+    if validation:
+        manifest["validation_files"] = _entries(validation, known)
     return manifest
+
+
+def write_manifest(
+    output_dir: Path, examples: list[Example], data_cfg, validation_cfg
+) -> dict[str, object]:
+    """Record the run's data (and its held-out images, when it scores a validation loss)."""
+    validation = []
+    if validation_cfg.loss_every_steps:
+        from difftrain.data.folder import scan_image_folder
+
+        validation = scan_image_folder(
+            validation_cfg.loss_dir, data_cfg.caption_column, check=False
+        )
+    path = Path(output_dir) / MANIFEST_NAME
+    manifest = build_manifest(examples, data_cfg, validation, known=recorded_hashes(path))
+    atomic_write_json(path, manifest)
+    return manifest
+
+
+def recorded_hashes(path: Path) -> dict[str, tuple[list, str]]:
+    """path -> (signature, sha256) of the files a manifest already holds ({} without one)."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        entries = [*manifest["files"], *manifest.get("validation_files", [])]
+        return {e["path"]: (e["signature"], e["sha256"]) for e in entries if e.get("signature")}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return {}  # no manifest yet, or an unreadable one: every file is hashed
 
 
 def manifest_differences(recorded: dict, current: dict, limit: int = 3) -> list[str]:
@@ -71,44 +99,42 @@ def manifest_differences(recorded: dict, current: dict, limit: int = 3) -> list[
 
     if named(recorded) != named(current):
         return ["the data sources differ"]
-    old = {f["path"]: f["sha256"] for f in recorded.get("files", [])}
-    new = {f["path"]: f["sha256"] for f in current.get("files", [])}
-    problems = [f"{path} is gone" for path in old if path not in new]
-    problems += [f"{path} is new" for path in new if path not in old]
-    problems += [
-        f"{path} has other content" for path in old if path in new and old[path] != new[path]
-    ]
+    problems = []
+    for key, what in (("files", "image"), ("validation_files", "validation image")):
+        old = {(f["source"], f["path"]): f for f in recorded.get(key, [])}
+        new = {(f["source"], f["path"]): f for f in current.get(key, [])}
+        problems += [f"{what} {path} is gone" for (n, path) in old if (n, path) not in new]
+        problems += [f"{what} {path} is new" for (n, path) in new if (n, path) not in old]
+        for name, entry in old.items():
+            if name in new and entry["sha256"] != new[name]["sha256"]:
+                problems.append(f"{what} {name[1]} has other content")
+            elif name in new and entry.get("caption_sha256") != new[name].get("caption_sha256"):
+                problems.append(f"the caption of {what} {name[1]} changed")
     if len(problems) > limit:
         problems = problems[:limit] + [f"{len(problems) - limit} more"]
     return problems
 
 
-def _size_and_hash(image) -> tuple[int, str]:
+def _entries(examples: list[Example], known: dict) -> list[dict[str, object]]:
+    entries, seen = [], set()
+    for example in examples:
+        image = example.image_path
+        name = str(image)
+        if (example.source, name) in seen:
+            continue
+        seen.add((example.source, name))
+        entry = {"path": name, **_size_and_hash(image, known), "source": example.source}
+        entry["caption_sha256"] = hashlib.sha256(example.caption.encode("utf-8")).hexdigest()
+        entries.append(entry)
+    return entries
+
+
+def _size_and_hash(image, known: dict) -> dict[str, object]:
     if isinstance(image, Path):
-        return image.stat().st_size, image_hash(image)
-    if isinstance(image, TarMember):
-        return image.size, image_hash(image)
-    data = image.open().read()
-    return len(data), hashlib.sha256(data).hexdigest()
-
-
-def _source_of(image, sources: list[dict[str, object]]) -> int:
-    """The number of the source `image` came from (0 for a run with one source)."""
-    if len(sources) == 1:
-        return 0
-    for number, source in enumerate(sources):
-        if _belongs(image, source):
-            return number
-    raise ValueError(f"{image} matches none of the sources {sources}")  # a bug, not input
-
-
-def _belongs(image, source: dict[str, object]) -> bool:
-    kind, name = source["kind"], str(source["id"])
-    if isinstance(image, DatasetRow):
-        return kind == "dataset" and image.source == name
-    if isinstance(image, TarMember):
-        from braceexpand import braceexpand
-
-        return kind == "shards" and image.shard in {Path(s).expanduser() for s in braceexpand(name)}
-    folder = Path(name).expanduser().resolve()
-    return kind == "folder" and image.resolve().is_relative_to(folder)
+        stat = image.stat()
+        signature = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
+        previous = known.get(str(image))
+        digest = previous[1] if previous and previous[0] == signature else sha256_file(image)
+        return {"size": stat.st_size, "sha256": digest, "signature": signature}
+    data = image.open().read()  # a tar member's or a dataset row's stored bytes
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}

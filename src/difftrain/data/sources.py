@@ -13,6 +13,7 @@ cannot be read out of order.)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
@@ -105,7 +106,7 @@ def scan_sources(cfg, *, check: bool = True, prefix: str = "data.") -> list[Exam
         examples = []
         for number, entry in enumerate(cfg.sources):
             found = scan_sources(entry, check=check, prefix=f"{prefix}sources[{number}].")
-            examples += found * entry.repeats
+            examples += [dataclasses.replace(e, source=number) for e in found] * entry.repeats
         return examples
     if cfg.dataset is None and cfg.shards is None:
         key = f"{prefix}train_dir"

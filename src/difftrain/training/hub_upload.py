@@ -61,6 +61,11 @@ def check_hub_upload(push_to_hub: bool, hub) -> None:
     have by its end).
     """
     if not push_to_hub:
+        if hub.push_checkpoints:  # a request that would silently do nothing
+            raise UserError(
+                "hub.push_checkpoints: true uploads checkpoints only with train.push_to_hub: "
+                "true; set train.push_to_hub: true, or hub.push_checkpoints: false"
+            )
         return
     if not hub.repo_id:
         raise UserError(
@@ -144,6 +149,8 @@ class HubUploads:
         self._wait_bound = PEER_WAIT_S if peers_wait else None
         self._repo_url: str | None = None  # set by the worker once the repo exists
         self._checkpoints: dict[Path, Future] = {}
+        self._total_limit: int | None = None
+        """checkpointing.total_limit, as `before_checkpoint` last heard it."""
         self._final: tuple[Future, list[str]] | None = None
 
     # --- the jobs (run on huggingface_hub's worker thread, one at a time) ----------------
@@ -186,14 +193,19 @@ class HubUploads:
         command = upload_command(
             self.repo_id, folder, f"{CHECKPOINTS_IN_REPO}/{folder.name}", [], self.private
         )
+        pruned = (
+            " before checkpointing.total_limit prunes it (raise the limit to keep it)"
+            if self._total_limit is not None else ""
+        )  # fmt: skip
         logger.warning(
             "could not upload %s to the Hub (%s); training goes on, the checkpoint is on "
-            "disk: upload it later with `%s`", folder.name, _reason(exc), command,
+            "disk: upload it later with `%s`%s", folder.name, _reason(exc), command, pruned,
         )  # fmt: skip
 
     def before_checkpoint(self, total_limit: int | None) -> None:
         """Before a checkpoint is written: wait for the uploads of the checkpoints whose
         pruning (`checkpointing.total_limit`) follows it; they would vanish mid-upload."""
+        self._total_limit = total_limit
         if total_limit is None or not self._checkpoints:
             return
         existing = [path for _, path in list_checkpoints(self.output_dir)]

@@ -53,3 +53,25 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 def read_metrics(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def read_step_records(path: Path) -> tuple[dict[int, dict[str, object]], int]:
+    """metrics.jsonl as {step: record} (the last line of a step wins, as after a resume),
+    and how many lines were left out: torn by a kill, or not a step's record.
+
+    Raises OSError / UnicodeDecodeError when the file cannot be read at all.
+    """
+    records, ignored = {}, 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            ignored += 1
+            continue
+        if isinstance(record, dict) and type(record.get("step")) is int:
+            records[record["step"]] = record
+        else:
+            ignored += 1
+    return records, ignored

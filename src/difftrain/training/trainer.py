@@ -84,18 +84,20 @@ def train(
     overwrite: bool = False,
     allow_config_change: tuple[str, ...] = (),
     stop_after: int | None = None,
+    save_outputs: bool = True,
 ) -> TrainResult:
     """Fine-tune the denoiser of `cfg.model.pretrained` on `cfg.data` and write the outputs.
 
-    `stop_after`: end after that step as if it were the last, with the schedule still that
-    of `train.max_steps` (`difftrain reproduce --steps N`).
+    For `difftrain reproduce`: `stop_after` ends after that step as if it were the last, with
+    the schedule still that of `train.max_steps`; `save_outputs=False` skips the final
+    pipeline or LoRA and the model card (only the metrics are wanted).
     """
     with startup_interrupts() as interrupted:
-        return _train(cfg, overwrite, allow_config_change, interrupted, stop_after)
+        return _train(cfg, overwrite, allow_config_change, interrupted, stop_after, save_outputs)
 
 
 def _train(
-    cfg: Config, overwrite: bool, allow_config_change, interrupted, stop_after: int | None
+    cfg: Config, overwrite: bool, allow_config_change, interrupted, stop_after, save_outputs
 ) -> TrainResult:
     output_dir = Path(cfg.train.output_dir)
     check_precision(cfg.train.mixed_precision)
@@ -149,7 +151,7 @@ def _train(
             run_on_main(accelerator, lambda: continue_in_place(output_dir, run.progress.step))
         if main:
             write_run_description(output_dir, cfg, processes=process_facts(accelerator))
-            write_manifest(output_dir, inputs.examples, cfg.data)
+            write_manifest(output_dir, inputs.examples, cfg.data, cfg.validation)
             report_skipped_images(inputs.skipped, output_dir)
             if inputs.buckets is not None:
                 report_buckets(inputs.buckets, cfg.train.batch_size * accelerator.num_processes,
@@ -171,7 +173,7 @@ def _train(
             losses = run.train(received)
             clock.training_ends()
             run.gather_for_publish()
-            if main:
+            if main and save_outputs:
                 run.publish(losses)
                 clock.write(output_dir)
                 kind = "LoRA weights" if cfg.lora.enabled else "pipeline"
