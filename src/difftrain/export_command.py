@@ -31,13 +31,17 @@ def run_export(run_dir: str, format: str, output: str, *, overwrite: bool = Fals
     folder = Path(run_dir).expanduser()
     family = check_run_dir(folder, run_dir)
     target = check_output(Path(output).expanduser(), folder, overwrite=overwrite)
-    from difftrain.models.single_file import architecture, original_checkpoint
+    from difftrain.models.single_file import original_checkpoint, twin_encoder_width
 
     tensors, written = original_checkpoint(folder, family)
-    metadata = checkpoint_metadata(folder, family, architecture(family, folder))
-    write_checkpoint(tensors, metadata, target)
-    if family == "sdxl":
-        _warn_twin_encoders(tensors)
+    write_checkpoint(tensors, checkpoint_metadata(folder, family), target)
+    if twin_encoder_width(tensors, lambda key: tensors[key].shape) is not None:
+        print(
+            "difftrain: warning: the two text encoders have the same width, so diffusers' "
+            "from_single_file would load the first into the second (ComfyUI reads the file "
+            "right; real SDXL models differ: 768 and 1280)",
+            file=sys.stderr,
+        )
     return f"wrote {target} ({family}: {', '.join(written)}; {len(tensors)} tensors)"
 
 
@@ -63,6 +67,7 @@ def check_run_dir(folder: Path, name: str) -> str:
 
 
 def check_output(target: Path, folder: Path, *, overwrite: bool) -> Path:
+    """Refuse, before any converting, an `--output` that could not or must not be written."""
     if target.suffix != ".safetensors":
         raise UserError(
             f"--output {target}: name a .safetensors file (the format ComfyUI and A1111 read)"
@@ -73,33 +78,48 @@ def check_output(target: Path, folder: Path, *, overwrite: bool) -> Path:
         raise UserError(f"--output {target} exists; pass --overwrite to replace it")
     resolved = target.resolve()
     for part in folder.resolve().iterdir():
-        if part.is_dir() and resolved.is_relative_to(part):
+        # Resolved both: a component may be a link to a folder elsewhere.
+        if part.is_dir() and resolved.is_relative_to(part.resolve()):
             raise UserError(
                 f"--output {target} is inside RUN_DIR's {part.name}/, a component of the "
                 "pipeline it is made from; write it elsewhere"
             )
+    check_writable_folder(target)
     return target
 
 
-def checkpoint_metadata(folder: Path, family: str, arch: str) -> dict[str, str]:
+def check_writable_folder(target: Path) -> None:
+    """`target`'s folder exists or can be made, and takes new files: a probe file (unnamed
+    where the system allows) is made and removed in the nearest folder that exists."""
+    existing = next(p for p in target.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise UserError(
+            f"--output {target}: {existing} is a file, not a folder; name a path in a folder"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise UserError(
+            f"--output {target}: cannot write in {existing} ({exc.strerror or exc}); name a "
+            "path in a folder you can write to"
+        ) from None
+
+
+def checkpoint_metadata(folder: Path, family: str) -> dict[str, str]:
     """safetensors metadata: `format: pt` (what loaders check for) and Stability AI's model
     spec fields, which ComfyUI and A1111 show."""
     import difftrain
-    from difftrain.models.single_file import IMPLEMENTATIONS, json_object
+    from difftrain.models.single_file import modelspec
 
     metadata = {
         "format": "pt",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": arch,
-        "modelspec.implementation": IMPLEMENTATIONS[family],
+        **modelspec(folder, family),
         "modelspec.title": folder.resolve().name,
         "modelspec.date": datetime.date.today().isoformat(),
         "modelspec.description": f"exported by difftrain {difftrain.__version__}",
     }
-    scheduler = json_object(folder / "scheduler" / "scheduler_config.json")
-    prediction = {"epsilon": "epsilon", "v_prediction": "v"}.get(scheduler.get("prediction_type"))
-    if prediction and family in ("sd", "sdxl"):
-        metadata["modelspec.prediction_type"] = prediction
     resolution = _run_config(folder, "data", "resolution")
     if isinstance(resolution, int):
         metadata["modelspec.resolution"] = f"{resolution}x{resolution}"
@@ -111,33 +131,21 @@ def write_checkpoint(tensors: dict, metadata: dict[str, str], target: Path) -> N
 
     from difftrain.io import TEMP_SUFFIX, storage_failure
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
-    os.close(fd)
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+        os.close(fd)
         save_file(tensors, tmp, metadata=metadata)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is meant to be shared
         os.replace(tmp, target)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         reason = storage_failure(exc)
         if reason is not None:
             raise StorageFull(f"--output {target}: could not write it ({reason})") from None
         raise
-
-
-def _warn_twin_encoders(tensors: dict) -> None:
-    first = tensors.get(
-        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"
-    )
-    second = tensors.get("conditioner.embedders.1.model.positional_embedding")
-    if first is not None and second is not None and first.shape[-1] == second.shape[-1]:
-        print(
-            "difftrain: warning: the two text encoders have the same width, so diffusers' "
-            "from_single_file would load the first into the second (ComfyUI reads the file "
-            "right; real SDXL models differ: 768 and 1280)",
-            file=sys.stderr,
-        )
 
 
 def _run_config(folder: Path, section: str, key: str):

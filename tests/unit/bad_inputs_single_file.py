@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from bad_input_table import Case, Workspace
 
 # A child process: offline mode is read when huggingface_hub is imported, and what the
@@ -39,6 +40,16 @@ def train_from(ws: Workspace, file: Path | str, config: Path | str | None, tag: 
 
 
 # --- export ------------------------------------------------------------------------------------
+
+
+def not_converted(monkeypatch) -> None:
+    """--output is refused before the pipeline is converted (minutes, for a large model)."""
+    import difftrain.models.single_file as single_file
+
+    def original_checkpoint(folder, family):
+        raise AssertionError("converted the pipeline before refusing --output")
+
+    monkeypatch.setattr(single_file, "original_checkpoint", original_checkpoint)
 
 
 def _export_not_a_pipeline(ws: Workspace) -> Case:
@@ -85,6 +96,39 @@ def _export_output_is_a_folder(ws: Workspace) -> Case:
 def _export_into_its_own_component(ws: Workspace) -> Case:
     target = ws.model / "unet" / "model.safetensors"
     return Case(export_argv(ws, ws.model, target, "--overwrite"), "is inside RUN_DIR's unet/")
+
+
+def _export_into_a_linked_component(ws: Workspace) -> Case:
+    """A component folder that is a link elsewhere: --output under the link's target is
+    still inside the component."""
+    run = ws.root / "run"
+    shutil.copytree(ws.model, run)
+    elsewhere = ws.folder("elsewhere")
+    (run / "unet").rename(elsewhere / "unet")
+    (run / "unet").symlink_to(elsewhere / "unet", target_is_directory=True)
+    target = elsewhere / "unet" / "out.safetensors"
+    return Case(export_argv(ws, run, target), "is inside RUN_DIR's unet/", patch=not_converted)
+
+
+def _export_output_under_a_file(ws: Workspace) -> Case:
+    target = ws.model / "model_index.json" / "x.safetensors"
+    return Case(export_argv(ws, ws.model, target), "model_index.json is a file, not a folder",
+                patch=not_converted)  # fmt: skip
+
+
+def _export_output_in_an_unwritable_folder(ws: Workspace) -> Case:
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc, a folder no one can make files in")
+    target = Path("/proc/x.safetensors")
+    return Case(export_argv(ws, ws.model, target), "cannot write in /proc", patch=not_converted)
+
+
+def _export_shard_index_not_of_file_names(ws: Workspace) -> Case:
+    run = ws.root / "run"
+    shutil.copytree(ws.model, run)
+    index = {"weight_map": {"conv_in.weight": 5}}
+    (run / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    return Case(export_argv(ws, run), "has no weight_map of tensor names to shard file names")
 
 
 def _export_shard_out_of_the_folder(ws: Workspace) -> Case:
@@ -156,7 +200,7 @@ def _config_folder_missing(ws: Workspace) -> Case:
 
 def _config_not_a_pipeline(ws: Workspace) -> Case:
     argv = train_from(ws, tiny_file(ws), ws.data, "cnp")
-    return Case(argv, "has no model_index.json; point it at a diffusers pipeline")
+    return Case(argv, "has no model_index.json; it is not a diffusers pipeline")
 
 
 def _config_of_another_family(ws: Workspace) -> Case:
@@ -202,9 +246,13 @@ CASES: dict[str, Callable[[Workspace], Case]] = {
     "export: --output is not .safetensors": _export_output_not_safetensors,
     "export: --output is a folder": _export_output_is_a_folder,
     "export: --output inside a component of RUN_DIR": _export_into_its_own_component,
+    "export: --output inside a component linked from RUN_DIR": _export_into_a_linked_component,
+    "export: --output under a file": _export_output_under_a_file,
+    "export: --output in a folder no one can write": _export_output_in_an_unwritable_folder,
     "export: a component without weights": _export_without_weights,
     "export: the disk fills up": _export_disk_full,
     "export: a shard index pointing out of its folder": _export_shard_out_of_the_folder,
+    "export: a shard index whose shards are not file names": _export_shard_index_not_of_file_names,
     "single file: a pickle checkpoint": _pickle_checkpoint,
     "single file: no such file": _missing_file,
     "single file: not a safetensors file": _damaged_file,

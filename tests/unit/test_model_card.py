@@ -61,6 +61,19 @@ def test_lora_card(tmp_path: Path) -> None:
     assert f'from_pretrained("{out.resolve()}")' not in text
 
 
+def test_lora_card_on_a_single_file_base_loads_it_with_the_runs_config(tmp_path: Path) -> None:
+    # Without config=, diffusers guesses a config repository on the Hub: offline, or for a
+    # model the guess misses, the snippet would fail.
+    out = tmp_path / "lora-run"
+    base, config = str(tmp_path / "my model.safetensors"), str(tmp_path / "sdxl-configs")
+    text = write(out, lora=True, base_model=base, single_file_config=config,
+                 pipeline_class="StableDiffusionXLPipeline")  # fmt: skip
+    snippet = f'StableDiffusionXLPipeline.from_single_file("{base}", config="{config}")'
+    assert snippet in text
+    text = write(out, lora=True, base_model=base, single_file_config="org/sdxl-base")
+    assert f'from_single_file("{base}", config="org/sdxl-base")' in text
+
+
 def test_settings_table(tmp_path: Path) -> None:
     text = write(tmp_path, settings={**SETTINGS, "prompts": ["a | b", "c"]})
     assert "| Setting | Value |" in text

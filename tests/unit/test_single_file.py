@@ -10,6 +10,7 @@ would hide a component the export left out.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -270,6 +271,41 @@ def test_export_replaces_an_existing_file_only_with_overwrite(
     assert "model.diffusion_model.out.2.weight" in file_keys(target)
 
 
+@pytest.mark.parametrize("where", ["under a file", "/proc"])
+def test_a_folder_that_cannot_take_the_file_is_one_line_even_past_the_checks(
+    where: str, tmp_path: Path
+) -> None:
+    # check_output refuses these up front; one made so since (or a race) is still one line.
+    from difftrain.errors import UserError
+    from difftrain.export_command import write_checkpoint
+
+    if where == "/proc" and not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc, a folder no one can make files in")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept")
+    target = blocker / "x.safetensors" if where == "under a file" else Path("/proc/x.safetensors")
+    with pytest.raises(UserError, match="could not write it"):
+        write_checkpoint({"w": torch.zeros(1)}, {"format": "pt"}, target)
+    assert blocker.read_text() == "kept"
+
+
+def test_noise_prediction_families_record_their_prediction_type(
+    tmp_path: Path, builtin_cache: Path
+) -> None:
+    pipeline = sd2_pipeline()
+    pipeline.scheduler.register_to_config(prediction_type="v_prediction")
+    path = export(save_pipeline(pipeline, tmp_path / "sd2"), tmp_path / "sd2.safetensors")
+    assert metadata(path)["modelspec.prediction_type"] == "v"
+    # A flow model predicts velocity, whatever its scheduler config says.
+    sd3 = tmp_path / "sd3"
+    shutil.copytree(builtin_model_path("builtin:tiny-sd3"), sd3)
+    scheduler = sd3 / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(
+        json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "epsilon"})
+    )
+    assert "modelspec.prediction_type" not in metadata(export(sd3, tmp_path / "sd3.safetensors"))
+
+
 # --- training from a single file -----------------------------------------------------------
 
 
@@ -409,4 +445,4 @@ def test_a_lora_run_from_the_file_says_how_to_load_its_base(
     train(family_config("sd", out, dummy_data_dir, model=model, lora={"enabled": True}))
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     card = (out / "README.md").read_text()
-    assert f'StableDiffusionPipeline.from_single_file("{tiny_file}")' in card
+    assert f'StableDiffusionPipeline.from_single_file("{tiny_file}", config="{folder}")' in card

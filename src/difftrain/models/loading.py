@@ -161,7 +161,7 @@ def _checked_source(cfg: ModelConfig, label: str, sampling: bool = False) -> tup
     )  # fmt: skip
     if cfg.vae is not None:
         _, _, vae_config = check_vae_source(cfg.vae)
-        _check_vae_fits(vae_config, source, revision, cfg, family)
+        check_vae_fits(vae_config, source, revision, cfg, family)
     return source, family
 
 
@@ -180,7 +180,7 @@ def check_vae_source(name: str) -> tuple[str, str | None, dict]:
     return source, subfolder, config
 
 
-def _check_vae_fits(vae_config: dict, source: str, revision, cfg: ModelConfig, family: str):
+def check_vae_fits(vae_config: dict, source: str, revision, cfg: ModelConfig, family: str):
     """The replacement VAE makes latents of the channels the denoiser reads."""
     from difftrain.models.families import family_class
     from difftrain.models.pipeline_checks import hub_snapshot, read_json

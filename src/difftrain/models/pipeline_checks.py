@@ -36,6 +36,7 @@ def check_pipeline(
     family: str | None = None,
     drop_t5: bool = False,
     allow_absent: bool = False,
+    need_weights: bool = True,
 ) -> str:
     """Refuse a pipeline difftrain cannot or must not load; returns its family's name.
 
@@ -45,6 +46,8 @@ def check_pipeline(
     know (it may not contradict one it knows); `drop_t5` leaves SD3's T5 out (it need not
     exist). `allow_absent` (sampling) accepts
     components the index sets to null, as diffusers does (SD3 saved without T5).
+    `need_weights=False` checks the configs alone (`model.single_file_config`: the weights
+    come from the checkpoint file).
     """
     from difftrain.models.families import family_class
     from difftrain.models.families.base import FamilyOptions
@@ -75,7 +78,8 @@ def check_pipeline(
     _check_component_kinds(index, layout, dropped, where)
     if local:
         _check_component_folders(folder, where, required, layout.title)
-    _check_component_files(folder, components, where, required, weights if local else ())
+    must_hold = weights if local and need_weights else ()
+    _check_component_files(folder, components, where, required, must_hold)
     scheduler_config = read_json(folder, "scheduler/scheduler_config.json", where)
     if scheduler_config is not None:
         scheduler_class(scheduler_config, where)

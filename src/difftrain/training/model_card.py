@@ -38,11 +38,14 @@ def write_model_card(
     pipeline_class: str = "StableDiffusionPipeline",
     dropped: tuple[str, ...] = (),
     kohya: bool = False,
+    single_file_config: str | None = None,
 ) -> Path:
     """Write `output_dir/README.md` (atomically) and return its path.
 
     `dropped`: components the run left out (SD3's T5), passed as None in the load code.
     `kohya`: the run also wrote its LoRA in the kohya format (lora.export_formats).
+    `single_file_config`: model.single_file_config of a single-file base, which loading the
+    base needs (without it diffusers guesses a config repository on the Hub).
     """
     output_dir = Path(output_dir)
     sections = [
@@ -51,7 +54,7 @@ def write_model_card(
         _training_section(base_model, data_dir, num_images, steps, final_loss),
         _settings_table(settings),
         _samples_section(output_dir, sample_grid),
-        _load_section(output_dir, base_model, lora, pipeline_class, dropped),
+        _load_section(output_dir, base_model, lora, pipeline_class, dropped, single_file_config),
         _kohya_section() if lora and kohya else "",
     ]
     path = output_dir / "README.md"
@@ -130,17 +133,25 @@ def _samples_section(output_dir: Path, sample_grid: Path | None) -> str:
 
 
 def _load_section(
-    output_dir: Path, base_model: str, lora: bool, pipeline_class: str, dropped: tuple[str, ...]
+    output_dir: Path,
+    base_model: str,
+    lora: bool,
+    pipeline_class: str,
+    dropped: tuple[str, ...],
+    single_file_config: str | None,
 ) -> str:
     # json.dumps quotes a path as a valid Python string literal (backslashes included).
     out = json.dumps(str(output_dir.resolve()))
     # diffusers loads a pipeline saved without a component only when told it is None.
     out_args = out + "".join(f", {name}=None" for name in dropped)
     if lora:
-        # A single-file base (model.pretrained: x.safetensors) loads with from_single_file.
-        loader = "from_single_file" if base_model.endswith(".safetensors") else "from_pretrained"
+        # A single-file base (model.pretrained: x.safetensors) loads with from_single_file,
+        # its component configs from the run's model.single_file_config.
+        single_file = single_file_config is not None or base_model.endswith(".safetensors")
+        loader = "from_single_file" if single_file else "from_pretrained"
+        config = f", config={json.dumps(single_file_config)}" if single_file_config else ""
         lines = [
-            f"pipe = {pipeline_class}.{loader}({json.dumps(base_model)}"
+            f"pipe = {pipeline_class}.{loader}({json.dumps(base_model)}{config}"
             + "".join(f", {name}=None" for name in dropped)
             + ")",
             f"pipe.load_lora_weights({out})",

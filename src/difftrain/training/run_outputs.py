@@ -114,6 +114,7 @@ class RunOutputs:
             dropped=self.family.dropped_parts(),
             sample_grid=self.last_grid,
             kohya="kohya" in cfg.lora.export_formats,
+            single_file_config=cfg.model.single_file_config,
         )
 
     def gather_for_publish(self) -> None:

@@ -20,6 +20,7 @@ so every tensor round-trips exactly. What each family's file holds:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,10 +110,7 @@ def component_weights(folder: Path, name: str) -> tuple[dict[str, Any], dict[str
         ]
         weights = [part / w for w in DEFAULT_WEIGHTS if (part / w).is_file()]
         if index:
-            shards = json.loads(index[0].read_text(encoding="utf-8"))["weight_map"].values()
-            # A shard named by the index must be a file of this folder, never a path out of it.
-            if any(Path(shard).name != shard for shard in shards):
-                raise ValueError(f"{index[0].name} names a shard outside the folder")
+            shards = shard_names(json.loads(index[0].read_text(encoding="utf-8")), index[0].name)
             weights = sorted({part / shard for shard in shards})
         if not weights or not config_path.is_file():
             raise UserError(
@@ -122,12 +120,61 @@ def component_weights(folder: Path, name: str) -> tuple[dict[str, Any], dict[str
         for path in weights:
             state.update(load_file(path))
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, KeyError, AttributeError, SafetensorError) as exc:
+        if not isinstance(config, dict):
+            raise ValueError("config.json is not a JSON object")
+    except (OSError, ValueError, SafetensorError) as exc:
         raise UserError(
             f"{where}: cannot read it ({' '.join(str(exc).split())[:200]}); re-save or "
             "re-download the pipeline"
         ) from None
     return state, config
+
+
+def shard_names(index: Any, name: str) -> list[str]:
+    """The shard files a `*.safetensors.index.json` maps tensors to; ValueError unless it is
+    a `weight_map` of tensor names to file names of its own folder."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+        raise ValueError(f"{name} has no weight_map of tensor names to shard file names")
+    # A shard named by the index must be a file of this folder, never a path out of it.
+    if any(Path(shard).name != shard for shard in weight_map.values()):
+        raise ValueError(f"{name} names a shard outside the folder")
+    return list(weight_map.values())
+
+
+def modelspec(folder: Path, family: str) -> dict[str, str]:
+    """Stability AI's model spec fields that depend on the family (ComfyUI and A1111 show
+    them): architecture, implementation and, for the noise-prediction families, the
+    prediction type."""
+    from difftrain.models.families import family_class
+
+    spec = {
+        "modelspec.architecture": architecture(family, folder),
+        "modelspec.implementation": IMPLEMENTATIONS[family],
+    }
+    scheduler = json_object(folder / "scheduler" / "scheduler_config.json")
+    prediction = {"epsilon": "epsilon", "v_prediction": "v"}.get(scheduler.get("prediction_type"))
+    if prediction and not family_class(family).flow_matching:
+        spec["modelspec.prediction_type"] = prediction
+    return spec
+
+
+TWIN_ENCODER_KEYS = (
+    "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
+    "conditioner.embedders.1.model.positional_embedding",
+)
+
+
+def twin_encoder_width(keys: Iterable[str], shape: Callable[[str], Sequence[int]]) -> int | None:
+    """The width SDXL's two text encoders share in an original-layout file, if they do (None:
+    they differ, or the file has not both). diffusers' reader tells them apart by width (768
+    and 1280 in SDXL): of equal width, it loads the first encoder's weights into the second.
+    `shape(key)` is a tensor's shape (from the tensors, or from a file's header)."""
+    names = set(keys)
+    if not all(key in names for key in TWIN_ENCODER_KEYS):
+        return None
+    first, second = (shape(key)[-1] for key in TWIN_ENCODER_KEYS)
+    return first if first == second else None
 
 
 def architecture(family: str, folder: Path) -> str:

@@ -104,13 +104,12 @@ def check_single_file(cfg, label: str = LABEL) -> SingleFile:
             f"model.single_file_config / model.family make it {family}; point "
             "model.single_file_config at a pipeline of the same family"
         )
-    if family == "sdxl":
-        _refuse_twin_encoders(path, keys, label)
+    refuse_twin_encoders(path, keys, label)
     checked = SingleFile(path.resolve(), config, family, lacked_components(keys, family))
     if cfg.vae is not None and config is not None:
-        from difftrain.models.loading import _check_vae_fits, check_vae_source
+        from difftrain.models.loading import check_vae_fits, check_vae_source
 
-        _check_vae_fits(check_vae_source(cfg.vae)[2], config, None, cfg, family)
+        check_vae_fits(check_vae_source(cfg.vae)[2], config, None, cfg, family)
     return checked
 
 
@@ -132,28 +131,12 @@ def check_config_source(config: str, name: str, family: str | None) -> str:
     """The config folder (or hub snapshot) holds a pipeline difftrain trains, made of
     diffusers / transformers classes only, with each component's config; returns its family.
     Weights are not needed there: they come from the checkpoint."""
-    from difftrain.models import pipeline_checks as checks
-    from difftrain.models.families import family_class
+    from difftrain.models.pipeline_checks import check_pipeline
 
-    where = f"model.single_file_config: {name}"
-    local = Path(config).is_absolute()
-    label = "model.single_file_config"
-    folder = Path(config) if local else checks.hub_snapshot(config, None, name=name, label=label)
-    index = checks.read_json(folder, "model_index.json", where)
-    if index is None:
-        raise UserError(f"{where} has no model_index.json; point it at a diffusers pipeline")
-    found = checks._pipeline_family(index, where, family)
-    layout = family_class(found)()
-    components = checks._check_component_entries(index, where)
-    checks._check_component_kinds(index, layout, (), where)
-    required = tuple(p for p in layout.required_parts() if index.get(p) != [None, None])
-    if local:
-        checks._check_component_folders(folder, where, required, layout.title)
-    checks._check_component_files(folder, components, where, required, ())
-    scheduler = checks.read_json(folder, "scheduler/scheduler_config.json", where)
-    if scheduler is not None:
-        checks.scheduler_class(scheduler, where)
-    return found
+    return check_pipeline(
+        config, None, name=name, label="model.single_file_config", family=family,
+        allow_absent=True, need_weights=False,
+    )  # fmt: skip
 
 
 def header_keys(path: Path, label: str = LABEL) -> list[str]:
@@ -185,20 +168,17 @@ def family_of_keys(keys: list[str]) -> str | None:
     return None
 
 
-def _refuse_twin_encoders(path: Path, keys: list[str], label: str) -> None:
-    """diffusers tells SDXL's two text encoders apart by their width (768 and 1280 in SDXL):
-    of equal width, its reader loads the first encoder's weights into the second."""
+def refuse_twin_encoders(path: Path, keys: list[str], label: str = LABEL) -> None:
+    """An SDXL file whose two text encoders diffusers' reader would mix up (of one width)."""
     from safetensors import safe_open
 
-    first = "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"
-    second = "conditioner.embedders.1.model.positional_embedding"
-    if first not in keys or second not in keys:
-        return
+    from difftrain.models.single_file import twin_encoder_width
+
     with safe_open(str(path), framework="pt") as handle:
-        widths = handle.get_slice(first).get_shape()[-1], handle.get_slice(second).get_shape()[-1]
-    if widths[0] == widths[1]:
+        width = twin_encoder_width(keys, lambda key: handle.get_slice(key).get_shape())
+    if width is not None:
         raise UserError(
-            f"{label}: {path.name}'s two text encoders have the same width ({widths[0]}), and "
+            f"{label}: {path.name}'s two text encoders have the same width ({width}), and "
             "diffusers' single-file reader then loads the first into the second; train from "
             "the diffusers folder instead"
         )
