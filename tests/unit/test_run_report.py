@@ -31,7 +31,8 @@ from difftrain.cli import main
 from difftrain.config import config_from_dict
 from difftrain.report.card_section import BEGIN, END
 from difftrain.report.markdown import human_size
-from difftrain.training.output_lock import OutputLock
+from difftrain.training.output_lock import LOCK_FILE, OutputLock
+from difftrain.training.run_dir import RUN_MARKER
 
 SCRIPT_PROMPT = "<script>alert('x')</script> & \"quoted\""
 PLOT_NAMES = ("loss", "lr", "grad_norm", "val_loss")
@@ -257,6 +258,12 @@ def test_while_a_run_holds_the_folder_the_card_is_left_alone(reported_run: dict,
     assert (run / "README.md").read_bytes() == card
 
 
+def test_the_lock_file_training_left_stays(reported_run: dict) -> None:
+    # Training leaves its lock file (removing it would race a waiting run): a normal part of
+    # a run folder, which the report, taking the same lock, keeps.
+    assert (reported_run["run"] / LOCK_FILE).is_file()
+
+
 # --- headless browser ------------------------------------------------------------------------
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
@@ -347,11 +354,18 @@ def metrics_line(step: int, loss: object, **extra) -> str:
     return json.dumps(record)
 
 
+def run_folder(path: Path) -> Path:
+    """A new folder with the marker every folder training claims gets (and no lock file:
+    a run copied without it)."""
+    path.mkdir()
+    (path / RUN_MARKER).write_text('{"difftrain": "0.1.0"}\n', encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def synthetic_run(tmp_path: Path) -> Path:
     """A run folder as a resumed, bucketed run with bad images leaves it (no training)."""
-    run = tmp_path / "run"
-    run.mkdir()
+    run = run_folder(tmp_path / "run")
     (run / "config.yaml").write_text(
         "model: {pretrained: builtin:tiny}\nvalidation:\n  prompts: ['<b>bold</b>']\n",
         encoding="utf-8",
@@ -430,8 +444,7 @@ def test_synthetic_run_data_buckets_skipped_timings_and_resume(synthetic_run: Pa
 
 
 def test_a_plot_without_data_says_so_and_older_runs_lack_files(tmp_path: Path, capsys) -> None:
-    run = tmp_path / "old-run"
-    run.mkdir()
+    run = run_folder(tmp_path / "old-run")
     lines = [metrics_line(s, 0.5, grad_norm=None) for s in (1, 2)]
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (run / "README.md").write_text("# old-run\n\nA card.", encoding="utf-8")  # no final newline
@@ -455,13 +468,121 @@ def test_a_plot_without_data_says_so_and_older_runs_lack_files(tmp_path: Path, c
 
 def test_config_only_folder_is_a_run_without_steps(tmp_path: Path, capsys) -> None:
     # `difftrain validate-config --output-dir` writes config.yaml and env.json, no metrics.
-    run = tmp_path / "validated"
-    run.mkdir()
+    run = run_folder(tmp_path / "validated")
     (run / "config.yaml").write_text("train: {max_steps: 3}\n", encoding="utf-8")
     assert report(capsys, run)[0] == 0
     page = read_page(run)
     assert page.keyed["Steps recorded"] == "none (no metrics.jsonl lines)"
     assert "No training loss recorded." in page.texts["plot-loss"]
+
+
+def test_a_run_folder_is_what_training_says_it_is(tmp_path: Path) -> None:
+    # The report cannot import training.run_dir (it imports torch): its copy of the marker's
+    # name and of records_a_run must stay the same as training's.
+    from difftrain.report import run_facts
+    from difftrain.training.run_dir import records_a_run
+
+    assert run_facts.RUN_MARKER == RUN_MARKER
+    env = {"packages": {"difftrain": "0.1.0"}}
+    folders = {
+        "marker": {RUN_MARKER: "{}"},
+        "0.1": {"config.yaml": "train: {}\n", "env.json": json.dumps(env)},
+        "config only": {"config.yaml": "train: {}\n"},
+        "other env": {"config.yaml": "x: 1\n", "env.json": '{"packages": {"torch": "2"}}'},
+        "env a list": {"config.yaml": "x: 1\n", "env.json": "[1]"},
+        "empty": {},
+    }
+    for name, files in folders.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for file, text in files.items():
+            (folder / file).write_text(text, encoding="utf-8")
+        assert run_facts.records_a_run(folder) == records_a_run(folder), name
+    assert run_facts.records_a_run(tmp_path / "marker") and run_facts.records_a_run(
+        tmp_path / "0.1"
+    )
+    assert not run_facts.records_a_run(tmp_path / "config only")
+
+
+def test_a_report_leaves_no_lock_file_where_there_was_none(synthetic_run: Path, capsys) -> None:
+    (synthetic_run / "README.md").write_text("# run\n", encoding="utf-8")  # the card: locked
+    code, out, _ = report(capsys, synthetic_run)
+    assert code == 0 and "model card: linked from" in out
+    assert not (synthetic_run / LOCK_FILE).exists()
+
+
+def test_every_file_is_written_by_the_atomic_writer(
+    synthetic_run: Path, monkeypatch, capsys
+) -> None:
+    # io.atomic_write_bytes syncs a file to disk before renaming it into place: the plots
+    # too, not only the page and the card.
+    import difftrain.io
+
+    synced = []
+    real_replace = os.replace
+
+    def replace(source, target) -> None:
+        synced.append(Path(target).relative_to(synthetic_run).as_posix())
+        real_replace(source, target)
+
+    fsyncs = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(difftrain.io.os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
+    monkeypatch.setattr(difftrain.io.os, "replace", replace)
+    (synthetic_run / "README.md").write_text("# run\n", encoding="utf-8")
+    assert report(capsys, synthetic_run)[0] == 0
+    plots = sorted(p.relative_to(synthetic_run).as_posix() for p in synthetic_run.glob("report/*"))
+    assert len(plots) == 4 and sorted(synced) == sorted([*plots, "report.html", "README.md"])
+    assert len(fsyncs) == len(synced)
+
+
+def test_odd_shaped_optional_files_are_listed_and_ignored(synthetic_run: Path, capsys) -> None:
+    odd = {
+        "buckets.json": ({"unused": 5}, "not a bucket table"),
+        "data_manifest.json": ({"sources": 5, "files": []}, "not a data manifest"),
+        "env.json": ([1, 2], "not a JSON object"),
+    }
+    for name, (data, _) in odd.items():
+        (synthetic_run / name).write_text(json.dumps(data), encoding="utf-8")
+    (synthetic_run / "timings.json").write_text('{"total_s": 1' + "0" * 400 + "}")  # > a float
+    (synthetic_run / "config.yaml").write_text("- a list\n- of things\n", encoding="utf-8")
+    code, _, err = report(capsys, synthetic_run)
+    assert (code, err) == (0, "")
+    page = read_page(synthetic_run)
+    listed = page.texts["problems"]
+    for name, (_, why) in odd.items():
+        assert f"{name}: {why}" in listed and "; ignored" in listed
+    assert "config.yaml: not a mapping of settings (shown as it is)" in listed
+    assert "Buckets: not recorded (buckets.json: not a bucket table" in page.texts["data"]
+    assert "Images: not recorded (data_manifest.json: not a data manifest" in page.texts["data"]
+    assert "not recorded (env.json: not a JSON object; ignored)" in page.texts["environment"]
+    assert page.texts["config-yaml"] == "- a list\n- of things\n"
+    assert "Total" in page.texts["timings"]
+
+
+def test_a_plot_that_cannot_be_drawn_says_so(synthetic_run: Path, capsys) -> None:
+    lines = [metrics_line(1, 1e308), metrics_line(2, -1e308), metrics_line(3, 0.5)]
+    (synthetic_run / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (synthetic_run / "README.md").write_text("# run\n", encoding="utf-8")
+    png(synthetic_run / "report" / "loss.png", (10, 10), "red")  # left by an earlier report
+    code, _, err = report(capsys, synthetic_run)
+    assert (code, err) == (0, "")
+    page = read_page(synthetic_run)
+    assert "plot-loss" not in page.figure_imgs
+    assert "Not drawn: the values or steps are out of the range" in page.texts["plot-loss"]
+    assert not (synthetic_run / "report" / "loss.png").exists()
+    assert "plot-lr" in page.figure_imgs  # the other curves are drawn
+    card = (synthetic_run / "README.md").read_text(encoding="utf-8")
+    assert "- Training loss: Not drawn" in card and "(report/loss.png)" not in card
+
+    # A step beyond a float breaks the shared x axis: every plot says so, none raises.
+    lines.append(json.dumps({"step": 10**400, "loss": 0.5, "lr": 1e-4, "grad_norm": 1.0}))
+    (synthetic_run / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code, _, err = report(capsys, synthetic_run)
+    assert (code, err) == (0, "")
+    page = read_page(synthetic_run)
+    for name in PLOT_NAMES[:3]:
+        assert "Not drawn" in page.texts[f"plot-{name}"], name
 
 
 def test_run_report_imports_no_torch(synthetic_run: Path) -> None:

@@ -20,7 +20,6 @@ CARD_NAME = "README.md"
 BEGIN = "<!-- difftrain:report -->"
 END = "<!-- /difftrain:report -->"
 REPORT_NAME = "report.html"
-PLOTS_FOLDER = "report"
 
 
 def card_text(run_dir: Path) -> str | None:
@@ -55,7 +54,7 @@ def report_section(plots: list[Plot]) -> str:
         "file (open it in a browser). `difftrain report` wrote it and this section.",
         "",
     ]
-    lines += [f"![{p.title}]({PLOTS_FOLDER}/{p.filename})" for p in plots if p.png is not None]
+    lines += [f"![{p.title}]({p.link})" for p in plots if p.png is not None]
     missing = [p for p in plots if p.png is None]
     if missing:
         lines += ["", *(f"- {p.title}: {p.note}" for p in missing)]

@@ -21,7 +21,6 @@ from difftrain.report.markdown import human_size
 from difftrain.report.plots import Plot
 from difftrain.report.run_facts import RunFacts, number
 
-PLOTS_FOLDER = "report"  # RUN_DIR/report/<plot>.png, linked from the page and the model card
 MIN_GRID_WIDTH = 512  # px: smaller grids (the tiny test model's) are scaled up, pixel-sharp
 MAX_LISTED = 200  # skipped images listed before "... and N more"
 NOT_RECORDED = "not recorded"
@@ -85,6 +84,13 @@ def section(anchor: str, title: str, body: str) -> str:
     return f'<section id="{anchor}"><h2>{esc(title)}</h2>\n{body}\n</section>'
 
 
+def not_recorded(facts: RunFacts, name: str, absent: str) -> str:
+    """The text `not recorded (why)`: the file is absent (`absent` says what that means), or
+    was found but ignored (its problem, also listed at the top of the page)."""
+    why = f"{name}: {facts.problems[name]}" if name in facts.problems else absent
+    return f"{NOT_RECORDED} ({why})"
+
+
 def fmt(value: object, digits: int = 6) -> str:
     as_number = number(value)
     if as_number is None:
@@ -138,11 +144,10 @@ def plots_section(plots: list[Plot]) -> str:
                 f"{esc(plot.note)}</p>"
             )
             continue
-        link = f"{PLOTS_FOLDER}/{plot.filename}"
         parts.append(
             f'<figure id="plot-{esc(plot.name)}"><img src="{data_uri(plot.png)}" '
             f'alt="{esc(plot.title)}"><figcaption>{esc(plot.note)} File: '
-            f'<a href="{esc(link)}">{esc(link)}</a></figcaption></figure>'
+            f'<a href="{esc(plot.link)}">{esc(plot.link)}</a></figcaption></figure>'
         )
     return section("plots", "Training curves", "\n".join(parts))
 
@@ -184,10 +189,10 @@ def data_section(facts: RunFacts) -> str:
     parts = []
     manifest = facts.manifest
     if manifest is None:
-        parts.append(f"<p>Images: {NOT_RECORDED} (no data_manifest.json in this run).</p>")
-    else:
-        files = manifest.get("files") if isinstance(manifest.get("files"), list) else []
-        sources = [s for s in manifest.get("sources") or [] if isinstance(s, dict)]
+        absent = "no data_manifest.json in this run"
+        parts.append(f"<p>Images: {esc(not_recorded(facts, 'data_manifest.json', absent))}.</p>")
+    else:  # run_facts.manifest_shape checked: a "files" list, "sources" a list of objects
+        files, sources = manifest["files"], manifest.get("sources", [])
         parts.append(key_table([("images", len(files))], "data-summary"))
         rows = [
             (s.get("kind", "?"), s.get("id", "?"), s.get("repeats", 1), s.get("files", "?"))
@@ -196,10 +201,12 @@ def data_section(facts: RunFacts) -> str:
         parts.append(table(("Kind", "Source", "Repeats", "Images"), rows, numeric=(2, 3)))
     buckets = facts.buckets
     if buckets is None:
-        parts.append("<p>Buckets: none (no buckets.json; data.buckets is off).</p>")
-    else:
-        counts = buckets.get("buckets") if isinstance(buckets.get("buckets"), dict) else buckets
-        unused = set(buckets.get("unused") or [])
+        note = "none (no buckets.json; data.buckets is off)"
+        if "buckets.json" in facts.problems:
+            note = not_recorded(facts, "buckets.json", "")
+        parts.append(f"<p>Buckets: {esc(note)}.</p>")
+    else:  # run_facts.buckets_shape checked: "buckets" name -> count, "unused" names
+        counts, unused = buckets["buckets"], set(buckets.get("unused", []))
         rows = [
             (name, count, "never trains (fewer images than a batch)" if name in unused else "")
             for name, count in counts.items()
@@ -207,7 +214,11 @@ def data_section(facts: RunFacts) -> str:
         parts.append("<h3>Aspect-ratio buckets</h3>")
         parts.append(table(("Bucket (W x H)", "Images", "Note"), rows, numeric=(1,)))
     skipped = facts.skipped
-    if not skipped:
+    if "skipped_images.txt" in facts.problems:
+        parts.append(
+            f"<p>Skipped images: {esc(not_recorded(facts, 'skipped_images.txt', ''))}.</p>"
+        )
+    elif not skipped:
         parts.append("<p>Skipped images: none.</p>")
     else:
         parts.append(f"<h3>Skipped images: {len(skipped)}</h3>")
@@ -238,7 +249,8 @@ TIMING_PARTS = (("startup_s", "Start-up"), ("training_s", "Training"), ("saving_
 def timings_section(facts: RunFacts) -> str:
     timings = facts.timings
     if timings is None:
-        return section("timings", "Wall time", f"<p>{NOT_RECORDED} (no timings.json).</p>")
+        note = not_recorded(facts, "timings.json", "no timings.json")
+        return section("timings", "Wall time", f"<p>{esc(note)}.</p>")
     total = number(timings.get("total_s"))
     rows = []
     for key, label in (*TIMING_PARTS, ("total_s", "Total")):
@@ -255,7 +267,8 @@ def timings_section(facts: RunFacts) -> str:
 
 def config_section(facts: RunFacts) -> str:
     if facts.config_text is None:
-        return section("config", "Resolved config", f"<p>{NOT_RECORDED} (no config.yaml).</p>")
+        note = not_recorded(facts, "config.yaml", "no config.yaml")
+        return section("config", "Resolved config", f"<p>{esc(note)}.</p>")
     return section("config", "Resolved config (config.yaml)",
                    f'<pre id="config-yaml">{esc(facts.config_text)}</pre>')  # fmt: skip
 
@@ -277,7 +290,8 @@ def flatten(value: object, prefix: str = "") -> list[tuple[str, object]]:
 
 def environment_section(facts: RunFacts) -> str:
     if facts.env is None:
-        return section("environment", "Environment", f"<p>{NOT_RECORDED} (no env.json).</p>")
+        note = not_recorded(facts, "env.json", "no env.json")
+        return section("environment", "Environment", f"<p>{esc(note)}.</p>")
     return section(
         "environment", "Environment (env.json)", key_table(flatten(facts.env), "environment")
     )
@@ -294,14 +308,15 @@ def render_page(facts: RunFacts, plots: list[Plot]) -> str:
     name = facts.run_dir.resolve().name
     made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     nav = "".join(f'<a href="#{anchor}">{esc(label)}</a>' for anchor, label in NAV)
-    problems = "".join(f"<li>{esc(p)}</li>" for p in facts.problems)
+    problems = "".join(f"<li>{esc(file)}: {esc(why)}</li>" for file, why in facts.problems.items())
     body = [
         f"<h1>Run report: {esc(name)}</h1>",
         f'<p class="meta">{esc(facts.run_dir.resolve())} · made by difftrain '
         f"{esc(difftrain.__version__)} on {made} · <code>difftrain report "
         f"{esc(shlex.quote(str(facts.run_dir)))}</code> makes it again</p>",
         f"<nav>{nav}</nav>",
-        f'<section class="nodata"><p>Files found but not read:</p><ul>{problems}</ul></section>'
+        f'<section class="nodata" id="problems"><p>Files found but not read:</p>'
+        f"<ul>{problems}</ul></section>"
         if problems
         else "",
         section("summary", "Summary", key_table(summary_rows(facts), "summary-table")),

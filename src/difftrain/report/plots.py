@@ -10,6 +10,7 @@ global pyplot backend of a process that embeds difftrain is left alone.
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 from difftrain.errors import UserError
@@ -19,6 +20,7 @@ INSTALL_HINT = "pip install matplotlib (or pip install 'difftrain[report]')"
 FIG_SIZE = (7.0, 3.0)  # inches; 100 dpi -> 700 x 300 px, readable in a card and a page
 DPI = 100
 MARKERS_UP_TO = 60  # points drawn as dots too while few enough to tell apart
+PLOTS_FOLDER = "report"  # RUN_DIR/report/<plot>.png, linked from the page and the model card
 
 
 @dataclass
@@ -31,6 +33,11 @@ class Plot:
     @property
     def filename(self) -> str:
         return f"{self.name}.png"
+
+    @property
+    def link(self) -> str:
+        """The plot file's path relative to RUN_DIR (report.html and README.md sit there)."""
+        return f"{PLOTS_FOLDER}/{self.filename}"
 
 
 def require_matplotlib():
@@ -94,6 +101,20 @@ def render(figure_class, title: str, ylabel: str, lines: list[tuple], span: tupl
     return buffer.getvalue()
 
 
+def try_render(figure_class, title: str, ylabel: str, lines: list[tuple], span: tuple):
+    """(PNG bytes, "") or, for values matplotlib cannot draw (a loss of 1e308 beside -1e308,
+    a step beyond a float), (None, why): the page and the card say so instead."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # numpy's overflow on the way there
+            return render(figure_class, title, ylabel, lines, span), ""
+    except (ArithmeticError, ValueError) as exc:
+        return None, (
+            f"Not drawn: the values or steps are out of the range a plot can show "
+            f"({type(exc).__name__}: {exc})."
+        )
+
+
 def step_span(metrics: Metrics) -> tuple[int, int]:
     steps = [row["step"] for row in metrics.rows] or [0]
     return steps[0], steps[-1]
@@ -110,12 +131,12 @@ def loss_plot(figure_class, metrics: Metrics) -> Plot:
         (steps, values, "loss (raw)", {"alpha": 0.35, "color": "C0"}),
         (steps, ema(values, factor), f"EMA, factor {factor}", {"color": "C0", "linewidth": 2}),
     ]
-    png = render(figure_class, "Training loss", "loss", lines, step_span(metrics))
-    note = (
+    png, failure = try_render(figure_class, "Training loss", "loss", lines, step_span(metrics))
+    note = failure or (
         f"Raw loss per step (light) and its exponential moving average with smoothing factor "
-        f"{factor}, debiased (dark).{non_finite_note(bad)}"
+        f"{factor}, debiased (dark)."
     )
-    return Plot("loss", "Training loss", png, note)
+    return Plot("loss", "Training loss", png, note + non_finite_note(bad))
 
 
 def simple_plot(
@@ -125,8 +146,8 @@ def simple_plot(
     if not steps:
         return Plot(key, title, None, missing + non_finite_note(bad))
     line = (steps, values, key, {"color": "C0"})
-    png = render(figure_class, title, key, [line], step_span(metrics))
-    return Plot(key, title, png, note + non_finite_note(bad))
+    png, failure = try_render(figure_class, title, key, [line], step_span(metrics))
+    return Plot(key, title, png, (failure or note) + non_finite_note(bad))
 
 
 def draw_plots(metrics: Metrics) -> list[Plot]:

@@ -2,6 +2,10 @@
 
     facts = read_run(Path("runs/x"))   # UserError for a missing / non-run folder, bad metrics
 
+A run folder is one training claimed: it holds RUN_MARKER. Nothing in it is read (or, by
+run_report, written) through a symbolic link: a linked input or output is refused, so the
+page never shows a file from elsewhere and the report never writes outside the folder.
+
 Only `metrics.jsonl` is held to its format (the plots are drawn from it); every other file
 is optional and described as it is found: absent, unreadable or of an unknown shape is said
 in the report, never raised. Standard library and PyYAML only: no torch.
@@ -13,6 +17,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +25,15 @@ from difftrain.errors import UserError
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 GRID_NAME = re.compile(r"^step-(\d+)\.png$")
-RUN_FILES = ("metrics.jsonl", "config.yaml")  # either makes a folder a run folder
+RUN_MARKER = ".difftrain-run.json"
+"""training.run_dir.RUN_MARKER, which cannot be imported from there without torch (a test
+keeps the two equal): the file every folder training claims holds."""
+INPUT_NAMES = (
+    RUN_MARKER, "metrics.jsonl", "config.yaml", "env.json", "data_manifest.json",
+    "buckets.json", "timings.json", "skipped_images.txt", "samples",
+)  # fmt: skip
+"""What the report reads in RUN_DIR (checkpoint-N folders and samples/step-N.png that are
+links are passed over, see `numbered`)."""
 
 
 @dataclass
@@ -68,7 +81,7 @@ class RunFacts:
     grids: list[tuple[int, Path]]
     checkpoints: list[Checkpoint]
     timings: dict | None
-    problems: list[str] = field(default_factory=list)  # optional files found but unreadable
+    problems: dict[str, str] = field(default_factory=dict)  # file name -> why it was ignored
 
     def prompts(self) -> list[str]:
         validation = (self.config or {}).get("validation")
@@ -81,7 +94,10 @@ def number(value: object) -> float | None:
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int | float):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond a float (JSON has no limit)
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, str):
         try:
             return float(value)
@@ -90,20 +106,45 @@ def number(value: object) -> float | None:
     return None
 
 
+def refuse_links(run_dir: Path, names: tuple[str, ...]) -> None:
+    """A UserError naming the first of `names` (relative to RUN_DIR) that is a symbolic
+    link: the report reads and writes the run's own files only, never through a link."""
+    for name in names:
+        if (run_dir / name).is_symlink():
+            raise UserError(
+                f"RUN_DIR {run_dir}: {name} is a symbolic link; `difftrain report` "
+                "reads and writes only the run's own files, never through a link: replace it "
+                "with the file or folder itself, or remove it"
+            )
+
+
+def records_a_run(folder: Path) -> bool:
+    """training.run_dir.records_a_run (a test keeps them in step): the marker, or
+    (difftrain 0.1) a config.yaml beside an env.json that names difftrain."""
+    if (folder / RUN_MARKER).is_file():
+        return True
+    try:
+        env = json.loads((folder / "env.json").read_text(encoding="utf-8"))
+        return (folder / "config.yaml").is_file() and "difftrain" in env.get("packages", {})
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError):
+        return False
+
+
 def check_run_dir(run_dir: Path) -> None:
     if not run_dir.exists():
         raise UserError(f"RUN_DIR {run_dir}: folder not found; pass a training output folder")
     if not run_dir.is_dir():
         raise UserError(f"RUN_DIR {run_dir}: not a folder; pass a training output folder")
-    if not any((run_dir / name).exists() for name in RUN_FILES):
+    refuse_links(run_dir, INPUT_NAMES)
+    if not records_a_run(run_dir):
         hint = (
             "; it looks like a test-run folder: use `difftrain report --ci-dir` for the checklist"
             if (run_dir / "junit").is_dir() or (run_dir / "logs").is_dir()
             else ""
         )
         raise UserError(
-            f"RUN_DIR {run_dir}: not a run folder (no metrics.jsonl and no config.yaml); "
-            f"pass the --output-dir of a training run{hint}"
+            f"RUN_DIR {run_dir}: not a difftrain run folder (no {RUN_MARKER}, which training "
+            f"writes into its output folder); pass the --output-dir of a training run{hint}"
         )
 
 
@@ -126,8 +167,9 @@ def read_metrics(path: Path) -> Metrics:
         except ValueError:
             ignored += 1
             continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            by_step[row["step"]] = row  # a resumed run's rewrite of a step replaces it
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool):
+            by_step[step] = row  # a resumed run's rewrite of a step replaces it
         else:
             ignored += 1
     if ignored and not by_step:
@@ -139,48 +181,78 @@ def read_metrics(path: Path) -> Metrics:
     return Metrics(rows=rows, ignored_lines=ignored, present=True)
 
 
-def read_object(path: Path, problems: list[str]) -> dict | None:
-    """A JSON object file; None (and a note in `problems`) when absent, unreadable or other."""
+def manifest_shape(data: dict) -> str | None:
+    """What makes `data` no data_manifest.json (data.manifest writes it), or None."""
+    if not isinstance(data.get("files"), list):
+        return 'not a data manifest (no "files" list)'
+    sources = data.get("sources", [])
+    if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
+        return 'not a data manifest ("sources" is not a list of objects)'
+    return None
+
+
+def buckets_shape(data: dict) -> str | None:
+    """What makes `data` no buckets.json (Buckets.table writes it), or None."""
+    counts = data.get("buckets")
+    if not isinstance(counts, dict) or not all(
+        isinstance(n, int) and not isinstance(n, bool) for n in counts.values()
+    ):
+        return 'not a bucket table ("buckets" is not an object of image counts)'
+    unused = data.get("unused", [])
+    if not isinstance(unused, list) or not all(isinstance(name, str) for name in unused):
+        return 'not a bucket table ("unused" is not a list of bucket names)'
+    return None
+
+
+def read_object(
+    path: Path, problems: dict[str, str], shape: Callable[[dict], str | None] | None = None
+) -> dict | None:
+    """A JSON object file; None (and why in `problems`) when absent, unreadable, not an
+    object, or not of the `shape` the page reads."""
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        problems.append(f"{path.name}: unreadable ({type(exc).__name__})")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        problems[path.name] = f"unreadable ({type(exc).__name__}); ignored"
         return None
-    if not isinstance(data, dict):
-        problems.append(f"{path.name}: not a JSON object")
+    wrong = "not a JSON object" if not isinstance(data, dict) else shape and shape(data)
+    if wrong:
+        problems[path.name] = f"{wrong}; ignored"
         return None
     return data
 
 
-def read_config(run_dir: Path, problems: list[str]) -> tuple[str | None, dict | None]:
+def read_config(run_dir: Path, problems: dict[str, str]) -> tuple[str | None, dict | None]:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return None, None
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        problems.append(f"config.yaml: unreadable ({type(exc).__name__})")
+        problems["config.yaml"] = f"unreadable ({type(exc).__name__}); ignored"
         return None, None
     import yaml
 
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError:
-        problems.append("config.yaml: not valid YAML (shown as it is)")
-        data = None
-    return text, data if isinstance(data, dict) else None
+    except (yaml.YAMLError, RecursionError):
+        problems["config.yaml"] = "not valid YAML (shown as it is)"
+        return text, None
+    if not isinstance(data, dict):
+        problems["config.yaml"] = "not a mapping of settings (shown as it is)"
+        return text, None
+    return text, data
 
 
-def read_skipped(path: Path, problems: list[str]) -> list[tuple[str, str]] | None:
+def read_skipped(path: Path, problems: dict[str, str]) -> list[tuple[str, str]] | None:
     """skipped_images.txt: `path<TAB>reason` per line."""
     if not path.is_file():
         return None
     try:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError as exc:
-        problems.append(f"skipped_images.txt: unreadable ({exc.strerror})")
+        problems["skipped_images.txt"] = f"unreadable ({exc.strerror}); ignored"
         return None
     return [tuple((line.split("\t", 1) + [""])[:2]) for line in lines if line.strip()]
 
@@ -215,12 +287,12 @@ def read_run(run_dir: Path) -> RunFacts:
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
     metrics = read_metrics(run_dir / "metrics.jsonl")
-    problems: list[str] = []
+    problems: dict[str, str] = {}
     config_text, config = read_config(run_dir, problems)
-    env, manifest, buckets, timings = (
-        read_object(run_dir / name, problems)
-        for name in ("env.json", "data_manifest.json", "buckets.json", "timings.json")
-    )
+    env = read_object(run_dir / "env.json", problems)
+    manifest = read_object(run_dir / "data_manifest.json", problems, manifest_shape)
+    buckets = read_object(run_dir / "buckets.json", problems, buckets_shape)
+    timings = read_object(run_dir / "timings.json", problems)
     checkpoints = [
         Checkpoint(step, path, folder_size(path), (path / "manifest.json").is_file())
         for step, path in numbered(run_dir, CHECKPOINT_NAME, dirs=True)

@@ -153,7 +153,7 @@ def records_a_run(folder: Path) -> bool:
     try:
         env = json.loads((folder / "env.json").read_text(encoding="utf-8"))
         return (folder / "config.yaml").is_file() and "difftrain" in env.get("packages", {})
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError):  # TypeError: "packages": 5
         return False
 
 
