@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from hub_stand_in import REPO, HubStandIn
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.distributed]

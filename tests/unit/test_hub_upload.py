@@ -380,7 +380,9 @@ def test_refusals_name_the_key_and_the_fix(hub_home: Path, monkeypatch) -> None:
 def test_no_upload_is_attempted_without_push_to_hub(
     stand_in: HubStandIn, tmp_path: Path, dummy_data_dir: Path, tiny_model_dir: Path
 ) -> None:
+    # hub.repo_id stays set, as a user toggling uploads leaves it (push_checkpoints without
+    # push_to_hub is refused: tests/unit/bad_inputs_hub.py).
     cfg = hub_config(tmp_path / "out", dummy_data_dir, train={"push_to_hub": False, "max_steps": 1},
-                     hub={"push_checkpoints": True}, checkpointing={"every_steps": 1})  # fmt: skip
+                     checkpointing={"every_steps": 1})  # fmt: skip
     train(cfg)
     assert stand_in.requests == []
