@@ -53,9 +53,10 @@ def test_the_main_process_uploads_the_outputs_once(
     assert result.returncode == 0, result.stderr
     remote = stand_in.files()
     assert remote["model_index.json"] == (out / "model_index.json").read_bytes()
-    assert remote["unet/diffusion_pytorch_model.safetensors"] == (
-        out / "unet" / "diffusion_pytorch_model.safetensors"
-    ).read_bytes()
+    assert (
+        remote["unet/diffusion_pytorch_model.safetensors"]
+        == (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
     assert len(stand_in.commits) == 1  # one process uploaded, once
 
 
