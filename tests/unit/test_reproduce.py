@@ -94,6 +94,32 @@ def test_a_resume_reuses_the_recorded_hashes_of_unchanged_files(
     assert again["files"][3]["sha256"] == hashlib.sha256(bytes(content)).hexdigest()
 
 
+def test_shard_members_and_dataset_rows_are_recorded_and_resumes_reuse_member_hashes(
+    tmp_path: Path, data: Path, monkeypatch
+) -> None:
+    from test_sources import make_dataset, make_shards
+
+    from difftrain.data.sources import TarMember
+
+    pattern = make_shards(data, tmp_path / "shards")
+    table = make_dataset(data, tmp_path / "table")
+    dataset = {"dataset": str(table), "image_column": "img", "caption_column": "caption"}
+    cfg = config_from_dict({"data": {"sources": [{"shards": pattern}, dataset]}})
+    examples = scan_sources(cfg.data)
+    first = write_manifest(tmp_path, examples, cfg.data, cfg.validation)
+    member = examples[0].image_path
+    with open(member.shard, "rb") as shard:
+        shard.seek(member.offset)
+        expected = hashlib.sha256(shard.read(member.size)).hexdigest()
+    assert first["files"][0]["sha256"] == expected and first["files"][0]["size"] == member.size
+    assert [s["files"] for s in first["sources"]] == [8, 8]
+    opened = []
+    real = TarMember.open
+    monkeypatch.setattr(TarMember, "open", lambda self: opened.append(self) or real(self))
+    assert write_manifest(tmp_path, examples, cfg.data, cfg.validation) == first
+    assert opened == []  # every shard unchanged: no member read again
+
+
 def test_reproduce_says_identical_for_a_whole_run_and_for_its_first_steps(
     tmp_path: Path, data: Path, builtin_cache, capsys
 ) -> None:

@@ -14,8 +14,9 @@ the metrics too. `difftrain reproduce` builds the manifest of today's data again
 the two, so an image or caption edited under the same name is found before any step is trained.
 
 Hashing every image costs a read of the data at each start. A resumed run, in its own
-folder, reuses the recorded sha256 of each file whose `signature` (size, mtime, ctime, inode,
-device) is unchanged, as the latent cache does; ctime cannot be set back, so an edit is seen.
+folder, reuses the recorded sha256 of each file (or tar member) whose `signature` (the file's
+or shard's size, mtime, ctime, inode, device; a member's offset and size) is unchanged, as the
+latent cache does; ctime cannot be set back, so an edit is seen. Dataset rows are read again.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 from pathlib import Path
 
 from difftrain.data.folder import Example
+from difftrain.data.sources import TarMember
 from difftrain.io import atomic_write_json, sha256_file
 
 MANIFEST_NAME = "data_manifest.json"
@@ -130,11 +132,24 @@ def _entries(examples: list[Example], known: dict) -> list[dict[str, object]]:
 
 
 def _size_and_hash(image, known: dict) -> dict[str, object]:
+    """Size and sha256 of an image's bytes, taken from `known` when its file (a tar member:
+    its shard, at the same offset) is unchanged since it was recorded."""
     if isinstance(image, Path):
-        stat = image.stat()
-        signature = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
-        previous = known.get(str(image))
-        digest = previous[1] if previous and previous[0] == signature else sha256_file(image)
-        return {"size": stat.st_size, "sha256": digest, "signature": signature}
-    data = image.open().read()  # a tar member's or a dataset row's stored bytes
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        file, placement = image, []
+    elif isinstance(image, TarMember):
+        file, placement = image.shard, [image.offset, image.size]
+    else:  # a dataset row: its stored bytes, read again
+        data = image.open().read()
+        return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    stat = file.stat()
+    signature = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
+    signature += placement
+    previous = known.get(str(image))
+    if previous and previous[0] == signature:
+        digest = previous[1]
+    elif isinstance(image, Path):
+        digest = sha256_file(image)
+    else:
+        digest = hashlib.sha256(image.open().read()).hexdigest()
+    size = stat.st_size if isinstance(image, Path) else image.size
+    return {"size": size, "sha256": digest, "signature": signature}
