@@ -271,13 +271,10 @@ def load_components(
         refuse_missing_weights(parts["vae"], f"model.vae: {cfg.vae}", "vae")
 
     scheduler_config = load(diffusers.DDPMScheduler.load_config, "scheduler")
-    inference_class = scheduler_class(scheduler_config, where)
-    training_class = inference_class if family.flow_matching else diffusers.DDPMScheduler
     return PipelineComponents(
         family=family,
         parts=parts,
-        noise_scheduler=training_class.from_config(scheduler_config),
-        inference_scheduler=inference_class.from_config(scheduler_config),
+        **schedulers(family, scheduler_config, where),
         source=source,
         revision=revision,
         vae_source=vae_source,
@@ -346,3 +343,16 @@ def load_base_pipeline(components: PipelineComponents, **replaced: Any) -> Any:
     return components.family.pipeline_type().from_pretrained(
         components.source, revision=components.revision, **replaced
     )
+
+
+def schedulers(family, scheduler_config: dict, where: str) -> dict[str, object]:
+    """The run's two schedulers from the pipeline's scheduler config: training adds noise
+    with DDPM's (flow-matching families: their own), sampling uses the class it names."""
+    import diffusers
+
+    inference_class = scheduler_class(scheduler_config, where)
+    training_class = inference_class if family.flow_matching else diffusers.DDPMScheduler
+    return {
+        "noise_scheduler": training_class.from_config(scheduler_config),
+        "inference_scheduler": inference_class.from_config(scheduler_config),
+    }

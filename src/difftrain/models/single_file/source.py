@@ -198,7 +198,7 @@ def load_single_file_components(cfg, family, *, only: tuple[str, ...] = ()):
         check_vae_source,
         first_line,
         refuse_missing_weights,
-        scheduler_class,
+        schedulers,
     )
     from difftrain.quiet import diffusers_logs_silenced
 
@@ -239,14 +239,10 @@ def load_single_file_components(cfg, family, *, only: tuple[str, ...] = ()):
     for name, part in parts.items():
         if hasattr(part, "named_parameters"):
             refuse_missing_weights(part, where, name)
-    scheduler_config = dict(pipeline.scheduler.config)
-    inference_class = scheduler_class(scheduler_config, where)
-    training_class = inference_class if family.flow_matching else diffusers.DDPMScheduler
     return PipelineComponents(
         family=family,
         parts=parts,
-        noise_scheduler=training_class.from_config(scheduler_config),
-        inference_scheduler=inference_class.from_config(scheduler_config),
+        **schedulers(family, dict(pipeline.scheduler.config), where),
         source=str(checked.path),
         revision=None,
         vae_source=vae[0],
