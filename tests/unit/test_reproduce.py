@@ -79,8 +79,8 @@ def test_a_resume_reuses_the_recorded_hashes_of_unchanged_files(
     examples = scan_sources(cfg.data)
     first = write_manifest(tmp_path, examples, cfg.data, cfg.validation)
     hashed = []
-    real = manifest_module.sha256_file
-    monkeypatch.setattr(manifest_module, "sha256_file", lambda p: hashed.append(p) or real(p))
+    real = manifest_module.image_hash
+    monkeypatch.setattr(manifest_module, "image_hash", lambda p: hashed.append(p) or real(p))
     assert write_manifest(tmp_path, examples, cfg.data, cfg.validation) == first
     assert hashed == []
     # Other pixels, same size, the old mtime put back: the ctime still tells.

@@ -26,8 +26,8 @@ import json
 from pathlib import Path
 
 from difftrain.data.folder import Example
-from difftrain.data.sources import TarMember
-from difftrain.io import atomic_write_json, sha256_file
+from difftrain.data.sources import TarMember, image_hash
+from difftrain.io import atomic_write_json
 
 MANIFEST_NAME = "data_manifest.json"
 MANIFEST_FORMAT = 1
@@ -145,11 +145,8 @@ def _size_and_hash(image, known: dict) -> dict[str, object]:
     signature = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
     signature += placement
     previous = known.get(str(image))
-    if previous and previous[0] == signature:
-        digest = previous[1]
-    elif isinstance(image, Path):
-        digest = sha256_file(image)
-    else:
-        digest = hashlib.sha256(image.open().read()).hexdigest()
+    # image_hash is memoised per process, shared with the latent cache's keys and with a
+    # reproduction's own manifest: a file is hashed once however many of them ask.
+    digest = previous[1] if previous and previous[0] == signature else image_hash(image)
     size = stat.st_size if isinstance(image, Path) else image.size
     return {"size": size, "sha256": digest, "signature": signature}
