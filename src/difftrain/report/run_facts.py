@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from difftrain.errors import UserError
+from difftrain.training.metrics import step_records
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 GRID_NAME = re.compile(r"^step-(\d+)\.png$")
@@ -158,20 +159,7 @@ def read_metrics(path: Path) -> Metrics:
         raise UserError(
             f"{path}: cannot be read ({why}); restore the run's metrics.jsonl or move it aside"
         ) from None
-    by_step, ignored = {}, 0
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            ignored += 1
-            continue
-        step = row.get("step") if isinstance(row, dict) else None
-        if isinstance(step, int) and not isinstance(step, bool):
-            by_step[step] = row  # a resumed run's rewrite of a step replaces it
-        else:
-            ignored += 1
+    by_step, ignored = step_records(text)
     if ignored and not by_step:
         raise UserError(
             f'{path}: no line is a JSON object with a "step" ({ignored} unreadable lines); '

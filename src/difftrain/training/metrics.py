@@ -61,13 +61,19 @@ def read_step_records(path: Path) -> tuple[dict[int, dict[str, object]], int]:
 
     Raises OSError / UnicodeDecodeError when the file cannot be read at all.
     """
+    return step_records(path.read_text(encoding="utf-8"))
+
+
+def step_records(text: str) -> tuple[dict[int, dict[str, object]], int]:
+    """`read_step_records` of metrics.jsonl's text (`difftrain report` reads the file itself,
+    to word its own errors)."""
     records, ignored = {}, 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # torn, an over-long number, absurdly deep
             ignored += 1
             continue
         if isinstance(record, dict) and type(record.get("step")) is int:
