@@ -477,31 +477,29 @@ def test_config_only_folder_is_a_run_without_steps(tmp_path: Path, capsys) -> No
 
 
 def test_a_run_folder_is_what_training_says_it_is(tmp_path: Path) -> None:
-    # The report cannot import training.run_dir (it imports torch): its copy of the marker's
-    # name and of records_a_run must stay the same as training's.
+    # One rule (difftrain.run_folder) for training and the report, which must not import
+    # torch: the report's folders are the ones training would treat as runs.
     from difftrain.report import run_facts
-    from difftrain.training.run_dir import records_a_run
+    from difftrain.training import run_dir
 
+    assert run_facts.records_a_run is run_dir.records_a_run
     assert run_facts.RUN_MARKER == RUN_MARKER
     env = {"packages": {"difftrain": "0.1.0"}}
-    folders = {
-        "marker": {RUN_MARKER: "{}"},
-        "0.1": {"config.yaml": "train: {}\n", "env.json": json.dumps(env)},
-        "config only": {"config.yaml": "train: {}\n"},
-        "other env": {"config.yaml": "x: 1\n", "env.json": '{"packages": {"torch": "2"}}'},
-        "env a list": {"config.yaml": "x: 1\n", "env.json": "[1]"},
-        "empty": {},
+    folders = {  # name: (files, a run?)
+        "marker": ({RUN_MARKER: "{}"}, True),
+        "0.1": ({"config.yaml": "train: {}\n", "env.json": json.dumps(env)}, True),
+        "config only": ({"config.yaml": "train: {}\n"}, False),
+        "other env": ({"config.yaml": "x: 1\n", "env.json": '{"packages": {"torch": "2"}}'}, False),
+        "env a list": ({"config.yaml": "x: 1\n", "env.json": "[1]"}, False),
+        "packages a number": ({"config.yaml": "x: 1\n", "env.json": '{"packages": 5}'}, False),
+        "empty": ({}, False),
     }
-    for name, files in folders.items():
+    for name, (files, is_run) in folders.items():
         folder = tmp_path / name
         folder.mkdir()
         for file, text in files.items():
             (folder / file).write_text(text, encoding="utf-8")
-        assert run_facts.records_a_run(folder) == records_a_run(folder), name
-    assert run_facts.records_a_run(tmp_path / "marker") and run_facts.records_a_run(
-        tmp_path / "0.1"
-    )
-    assert not run_facts.records_a_run(tmp_path / "config only")
+        assert run_facts.records_a_run(folder) == is_run, name
 
 
 def test_a_report_leaves_no_lock_file_where_there_was_none(synthetic_run: Path, capsys) -> None:

@@ -22,13 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from difftrain.errors import UserError
+from difftrain.run_folder import RUN_MARKER, records_a_run
 from difftrain.training.metrics import step_records
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 GRID_NAME = re.compile(r"^step-(\d+)\.png$")
-RUN_MARKER = ".difftrain-run.json"
-"""training.run_dir.RUN_MARKER, which cannot be imported from there without torch (a test
-keeps the two equal): the file every folder training claims holds."""
 INPUT_NAMES = (
     RUN_MARKER, "metrics.jsonl", "config.yaml", "env.json", "data_manifest.json",
     "buckets.json", "timings.json", "skipped_images.txt", "samples",
@@ -117,18 +115,6 @@ def refuse_links(run_dir: Path, names: tuple[str, ...]) -> None:
                 "reads and writes only the run's own files, never through a link: replace it "
                 "with the file or folder itself, or remove it"
             )
-
-
-def records_a_run(folder: Path) -> bool:
-    """training.run_dir.records_a_run (a test keeps them in step): the marker, or
-    (difftrain 0.1) a config.yaml beside an env.json that names difftrain."""
-    if (folder / RUN_MARKER).is_file():
-        return True
-    try:
-        env = json.loads((folder / "env.json").read_text(encoding="utf-8"))
-        return (folder / "config.yaml").is_file() and "difftrain" in env.get("packages", {})
-    except (OSError, ValueError, AttributeError, TypeError, RecursionError):
-        return False
 
 
 def check_run_dir(run_dir: Path) -> None:

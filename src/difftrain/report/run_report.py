@@ -9,7 +9,7 @@ images, so the single file reads offline; the plots are also written as files fo
 card, whose "Training report" section (card_section) links them.
 
 Everything is checked before anything is written: a missing folder, one without the
-marker training writes (run_facts.RUN_MARKER), an input or output that is a symbolic link,
+marker training writes (run_folder.RUN_MARKER), an input or output that is a symbolic link,
 unreadable metrics, matplotlib absent or a model card with broken markers is one line, and
 the folder is left as it was (no lock file either: see `release`). Training never renders
 these plots (matplotlib would cost start-up and saving time); a run's report is made

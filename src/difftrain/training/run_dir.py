@@ -12,7 +12,6 @@ refused; so is a folder where a name difftrain writes is a symbolic link.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -21,11 +20,10 @@ import yaml
 from difftrain.config import Config, config_to_dict, dump_config
 from difftrain.errors import UserError
 from difftrain.io import OLD_SUFFIX, TEMP_SUFFIX, atomic_write_json
+from difftrain.run_folder import RUN_MARKER, records_a_run
 from difftrain.training.checkpoint import CHECKPOINT_PATTERN
 from difftrain.training.output_lock import LOCK_FILE, OutputLock
 
-RUN_MARKER = ".difftrain-run.json"
-"""Written into every folder difftrain claims: what makes it a difftrain run folder."""
 # Left by a process killed mid-write; never part of a valid run, and never a user's name.
 STALE_PARTIALS = (
     ".checkpoint-*.partial", ".checkpoint-*.deleting", f".*{TEMP_SUFFIX}", f".*{OLD_SUFFIX}"
@@ -143,18 +141,6 @@ def _refuse_links(output_dir: Path) -> None:
                 f"--output-dir {output_dir}: {path.relative_to(output_dir)} is a symbolic link; "
                 "difftrain writes and deletes there and never through a link, so remove it"
             )
-
-
-def records_a_run(folder: Path) -> bool:
-    """True for a folder difftrain claimed: its marker, or (difftrain 0.1) a config.yaml
-    beside an env.json that names difftrain."""
-    if (folder / RUN_MARKER).is_file():
-        return True
-    try:
-        env = json.loads((folder / "env.json").read_text(encoding="utf-8"))
-        return (folder / "config.yaml").is_file() and "difftrain" in env.get("packages", {})
-    except (OSError, ValueError, AttributeError, TypeError):  # TypeError: "packages": 5
-        return False
 
 
 def _refuse_overlap_with_inputs(output_dir: Path, cfg: Config) -> None:
