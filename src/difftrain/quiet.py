@@ -21,8 +21,11 @@ def quiet_third_party(*, libraries_loaded_soon: bool) -> None:
     # diffusers passes an argument huggingface_hub deprecated; nothing for a user to fix.
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
     # bitsandbytes (imported by peft and diffusers when installed) warns on import about
-    # 4-bit CPU kernels difftrain never uses: one stray line in every run.
+    # 4-bit CPU kernels difftrain never uses: one stray line in every run. Since 0.50 it also
+    # asks the `kernels` package (a transformers dependency) for those kernels on CPUs with
+    # AVX512-BF16, which logs a warning of its own when the Hub is offline.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     if not libraries_loaded_soon:
         return
     with interrupts_held():
