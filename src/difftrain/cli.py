@@ -316,19 +316,19 @@ def _process_rank() -> int:
 def run(argv: list[str] | None = None) -> None:
     """The `difftrain` command: `main`, then exit with its code.
 
-    Once torch is loaded (in a single process), or after a Ctrl-C, the exit is immediate
-    (`os._exit`):
+    Once torch is loaded, or after a Ctrl-C, the exit is immediate (`os._exit`):
     - with torch, diffusers and transformers imported, the interpreter's own shutdown (tearing
       down thousands of modules and the objects they hold) takes about a second, and every
-      file a command writes is closed before `main` returns. Not under a launcher: a process
-      gone at once left its peer waiting forever in the process group's teardown;
+      file a command writes is closed before `main` returns;
+    - under a launcher, a training process leaves its process group up (see
+      training.distributed.release_accelerator) and passed the run's last barrier before
+      `main` returned: nothing is left to say to the other processes, and tearing the group
+      down at interpreter shutdown can hang in torch's gloo destructor;
     - CPython re-raises SIGINT at shutdown when an interrupt landed inside certain library
       imports, and the process would die by the signal, whatever `main` returned.
     """
     code = main(argv)
-    sizes = (os.environ.get(n, "1") for n in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
-    single = all(size.strip() in ("", "0", "1") for size in sizes)
-    if code == 130 or (single and "torch" in sys.modules):
+    if code == 130 or "torch" in sys.modules:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -36,14 +36,20 @@ def make_accelerator(cfg):
 
 
 def release_accelerator(accelerator) -> None:
+    if accelerator.num_processes > 1:
+        # The process group stays up: it ends with the process (the `difftrain` command
+        # leaves with os._exit, under a launcher too). Destroying it here could hang for
+        # good: torch's gloo process group joins its worker threads in its destructor while
+        # holding the GIL, and a worker still freeing the last collective's tensors needs
+        # the GIL to do so (seen in 1 of 6 two-process runs, at the end of train()).
+        return
     accelerator.end_training()
-    if accelerator.num_processes == 1:
-        # accelerate keeps its state process-wide and refuses a second Accelerator with other
-        # settings; a later train() in this process (a notebook, the tests) may need them.
-        from accelerate.state import AcceleratorState, GradientState
+    # accelerate keeps its state process-wide and refuses a second Accelerator with other
+    # settings; a later train() in this process (a notebook, the tests) may need them.
+    from accelerate.state import AcceleratorState, GradientState
 
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
 
 
 def run_on_main(accelerator, work: Callable[[], T]) -> T:
