@@ -190,9 +190,7 @@ def _pipeline_family(index: dict[str, Any], where: str, family: str | None) -> s
     name = index.get("_class_name")
     if isinstance(name, list):  # [module, class]: a custom pipeline from the repo's own code
         raise UserError(f"{where}: its pipeline class is {name}, a custom pipeline {NEVER_RUN}")
-    # dir() lists diffusers' lazily imported names without importing them: importing a
-    # pipeline's module (its image processors, safety checker...) costs a second at start.
-    if not isinstance(name, str) or not name.isidentifier() or name not in dir(diffusers):
+    if not isinstance(name, str) or not name.isidentifier() or not hasattr(diffusers, name):
         raise UserError(
             f"{where}: pipeline class {name!r} (model_index.json _class_name) is not in "
             f"diffusers {diffusers.__version__}; a pipeline diffusers does not ship is custom "
