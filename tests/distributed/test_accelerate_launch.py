@@ -54,12 +54,11 @@ def test_accelerate_launch_trains_the_run_of_num_processes(
     if machines == 1:
         launches = [accelerate_launch(["--main_process_port", port], config, out, builtin_cache)]
     else:
+        machine = ["--num_machines", "2", "--main_process_ip", "127.0.0.1", "--main_process_port"]
         launches = [
             accelerate_launch(
-                ["--num_machines", "2", "--machine_rank", str(rank),
-                 "--main_process_ip", "127.0.0.1", "--main_process_port", port],
-                config, out, builtin_cache,
-            )  # fmt: skip
+                [*machine, port, "--machine_rank", str(rank)], config, out, builtin_cache
+            )
             for rank in (0, 1)
         ]
     for launch in launches:
