@@ -318,7 +318,7 @@ def verdict(ratio: float | None, target: float | None) -> str:
     return f"<= {target:.2f}  {'OK' if ratio <= target else 'ABOVE TARGET'}"
 
 
-def report(args, model: str, resolution: int, runs: dict) -> None:
+def report(args, model: str, resolution: int, runs: dict, floor: tuple[float, float]) -> None:
     counts = ", ".join(f"{name} {len(r)}" for name, r in runs.items())
     first_steady = max(args.warmup, 1) + 1
     print(f"\nbuiltin:{model}, {resolution} px, batch {args.batch_size}, {args.steps} steps "
@@ -340,6 +340,14 @@ def report(args, model: str, resolution: int, runs: dict) -> None:
     if "cached" not in runs:
         print(f"(the steady target, <= {CACHED_STEADY_TARGET}, is for cached difftrain at "
               f"{CACHED_TARGET_RESOLUTION} px: add --cached)")  # fmt: skip
+    seconds, rss = floor
+    peer = runs.get("peer", [])
+    peer_first, peer_rss = median_of(peer, "first_step_s"), median_of(peer, "peak_rss_mib")
+    line = f"imports alone (import_floor.py): {seconds:.3f} s, {rss:.0f} MiB"
+    if peer_first and peer_rss:  # no trainer's first step or peak can be lower
+        line += f" = {seconds / peer_first:.3f} of the peer's first step"
+        line += f", {rss / peer_rss:.3f} of its peak RSS"
+    print(line)
 
 
 def peer_missing(args) -> str | None:
@@ -351,6 +359,7 @@ def peer_missing(args) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from import_floor import import_floor
     from step_time import cpu_seconds, print_other_load
 
     from difftrain.quiet import quiet_third_party
@@ -374,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch {args.batch_size}, {args.steps} steps, {args.repeats} repeats, "
               f"OMP_NUM_THREADS={args.threads} for both; cache {os.environ['DIFFTRAIN_CACHE']}",
               flush=True)  # fmt: skip
+        floor = import_floor(sys.executable, env, repeats=args.repeats)
         started, cpu_before = time.perf_counter(), cpu_seconds()
         results = []
         for model in args.models:
@@ -385,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu_after = cpu_seconds()
     for model, resolution, runs in results:
         if runs:
-            report(args, model, resolution, runs)
+            report(args, model, resolution, runs, floor)
     print()
     print_other_load(cpu_before, cpu_after, wall)
     return 0
