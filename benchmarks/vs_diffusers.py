@@ -39,7 +39,10 @@ measured from outside, the same way for both processes:
   the launched script shows as 1 GiB. No /proc polling, so no short peak is missed.
 - CPU s: ru_utime + ru_stime of the same wait4 (the whole reaped tree), no target.
 
-The table shows medians over repeats and the ratio difftrain / peer against the issue's targets.
+The table shows medians over repeats and the ratio difftrain / peer against the issue's targets,
+then the floors of floors.py as fractions of the peer's figures: the imports alone (no
+trainer's first step is shorter) and a plain PyTorch loop's peak RSS (the memory the same
+arithmetic needs).
 Other load on the machine moves both; the script says how much CPU others took (step_time.py).
 The result is a measurement, not a test: the exit code is 0 whatever the numbers.
 """
@@ -318,7 +321,7 @@ def verdict(ratio: float | None, target: float | None) -> str:
     return f"<= {target:.2f}  {'OK' if ratio <= target else 'ABOVE TARGET'}"
 
 
-def report(args, model: str, resolution: int, runs: dict, floor: tuple[float, float]) -> None:
+def report(args, model: str, resolution: int, runs: dict, imports: tuple, loop_rss: float) -> None:
     counts = ", ".join(f"{name} {len(r)}" for name, r in runs.items())
     first_steady = max(args.warmup, 1) + 1
     print(f"\nbuiltin:{model}, {resolution} px, batch {args.batch_size}, {args.steps} steps "
@@ -340,14 +343,11 @@ def report(args, model: str, resolution: int, runs: dict, floor: tuple[float, fl
     if "cached" not in runs:
         print(f"(the steady target, <= {CACHED_STEADY_TARGET}, is for cached difftrain at "
               f"{CACHED_TARGET_RESOLUTION} px: add --cached)")  # fmt: skip
-    seconds, rss = floor
+    from floors import describe_floors
+
     peer = runs.get("peer", [])
     peer_first, peer_rss = median_of(peer, "first_step_s"), median_of(peer, "peak_rss_mib")
-    line = f"imports alone (import_floor.py): {seconds:.3f} s, {rss:.0f} MiB"
-    if peer_first and peer_rss:  # no trainer's first step or peak can be lower
-        line += f" = {seconds / peer_first:.3f} of the peer's first step"
-        line += f", {rss / peer_rss:.3f} of its peak RSS"
-    print(line)
+    print(describe_floors(imports, loop_rss, peer_first, peer_rss))
 
 
 def peer_missing(args) -> str | None:
@@ -359,9 +359,10 @@ def peer_missing(args) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from import_floor import import_floor
+    from floors import import_floor, plain_loop_peak
     from step_time import cpu_seconds, print_other_load
 
+    from difftrain.models.tiny import builtin_model_path
     from difftrain.quiet import quiet_third_party
 
     quiet_third_party(libraries_loaded_soon=True)  # building a builtin here prints library noise
@@ -383,19 +384,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch {args.batch_size}, {args.steps} steps, {args.repeats} repeats, "
               f"OMP_NUM_THREADS={args.threads} for both; cache {os.environ['DIFFTRAIN_CACHE']}",
               flush=True)  # fmt: skip
-        floor = import_floor(sys.executable, env, repeats=args.repeats)
+        imports = import_floor(sys.executable, env, repeats=args.repeats)
         started, cpu_before = time.perf_counter(), cpu_seconds()
         results = []
         for model in args.models:
             for resolution in args.resolutions:
                 print(f"\nbuiltin:{model}, {resolution} px", flush=True)
                 runs = measure(args, env, work, model, resolution, peer_ok=missing is None)
-                results.append((model, resolution, runs))
+                loop_rss = plain_loop_peak(
+                    sys.executable, env, builtin_model_path(model), resolution, args.batch_size
+                )
+                results.append((model, resolution, runs, loop_rss))
         wall = time.perf_counter() - started
         cpu_after = cpu_seconds()
-    for model, resolution, runs in results:
+    for model, resolution, runs, loop_rss in results:
         if runs:
-            report(args, model, resolution, runs, floor)
+            report(args, model, resolution, runs, imports, loop_rss)
     print()
     print_other_load(cpu_before, cpu_after, wall)
     return 0
