@@ -321,9 +321,10 @@ def run(argv: list[str] | None = None) -> None:
       down thousands of modules and the objects they hold) takes about a second, and every
       file a command writes is closed before `main` returns;
     - under a launcher, a training process leaves its process group up (see
-      training.distributed.release_accelerator) and passed the run's last barrier before
-      `main` returned: nothing is left to say to the other processes, and tearing the group
-      down at interpreter shutdown can hang in torch's gloo destructor;
+      training.distributed.release_accelerator): tearing it down, then or at interpreter
+      shutdown, can hang in torch's gloo destructor. A run that finished has passed its last
+      barrier on every process, so nothing is left to say to the others; a process that
+      failed is noticed by the others through the group ("lost contact"), as a killed one is;
     - CPython re-raises SIGINT at shutdown when an interrupt landed inside certain library
       imports, and the process would die by the signal, whatever `main` returned.
     """
