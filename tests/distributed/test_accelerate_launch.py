@@ -35,20 +35,26 @@ def accelerate_launch(machine_args: list[str], config: Path, out: Path, cache: P
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("machines", [1, 2], ids=["one-machine", "two-machines"])
-def test_accelerate_launch_trains_the_run_of_num_processes(
-    machines: int, tmp_path: Path, dummy_data_dir: Path, builtin_cache: Path,
-    tiny_model_dir: Path,
-) -> None:  # fmt: skip
-    config = write_config(tmp_path, dummy_data_dir, batch_size=2, max_steps=3)
-    reference = tmp_path / "num-processes"
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, dummy_data_dir: Path, builtin_cache: Path, tiny_model_dir: Path):
+    """3 steps of `difftrain train --num-processes 2` (batch 2): its config and outputs."""
+    folder = tmp_path_factory.mktemp("accelerate-launch")
+    config = write_config(folder, dummy_data_dir, batch_size=2, max_steps=3)
+    out = folder / "num-processes"
     done = subprocess.run(
         [sys.executable, "-m", "difftrain", "train", "--config", str(config),
-         "--output-dir", str(reference), "--num-processes", "2"],
+         "--output-dir", str(out), "--num-processes", "2"],
         env=environment(builtin_cache), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    return config, out
 
+
+@pytest.mark.parametrize("machines", [1, 2], ids=["one-machine", "two-machines"])
+def test_accelerate_launch_trains_the_run_of_num_processes(
+    machines: int, reference, tmp_path: Path, builtin_cache: Path
+) -> None:
+    config, expected = reference
     out = tmp_path / "accelerate"
     port = str(free_port())
     if machines == 1:
@@ -64,7 +70,7 @@ def test_accelerate_launch_trains_the_run_of_num_processes(
     for launch in launches:
         _, err = launch.communicate(timeout=600)
         assert launch.returncode == 0, err
-    assert_bit_identical(reference, out)
+    assert_bit_identical(expected, out)
     processes = json.loads((out / "env.json").read_text())["processes"]
     assert processes["num_processes"] == 2 and processes["backend"] == "gloo"
     assert processes["num_machines"] == machines
