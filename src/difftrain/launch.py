@@ -5,7 +5,7 @@ multi-GPU launcher run), in this process: one process per GPU, or, on a machine 
 CPU processes told to use the CPU (`ACCELERATE_USE_CPU`), which accelerate then trains with
 the gloo backend (`accelerate launch` starts a single CPU process unless MPI is installed).
 The launcher watches its processes: when one dies, it stops the others at once; a SIGINT /
-SIGTERM to the launcher reaches every process as SIGTERM (each checkpoints and stops).
+SIGTERM to the launcher reaches every process as that signal (each checkpoints and stops).
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def launch_processes(num_processes: int, train_argv: list[str]) -> int:
         codes = [failure.exitcode for failure in exc.failures.values()]
         return max((code for code in codes if code > 0), default=1)
     except SignalException as exc:
-        # SIGINT / SIGTERM to the launcher: it stopped every worker with SIGTERM, and each
-        # wrote a checkpoint and exited (143) before the launcher returned.
+        # SIGINT / SIGTERM to the launcher: it sent the same signal to every worker, and each
+        # wrote a checkpoint and exited (130 / 143) before the launcher returned.
         return 128 + int(exc.sigval)
     return 0
 
