@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_multiprocess import assert_bit_identical, environment, write_config
+from test_multiprocess import assert_bit_identical, environment, run, write_config
 
 from difftrain.launch import free_port
 
@@ -41,12 +41,7 @@ def reference(tmp_path_factory, dummy_data_dir: Path, builtin_cache: Path, tiny_
     folder = tmp_path_factory.mktemp("accelerate-launch")
     config = write_config(folder, dummy_data_dir, batch_size=2, max_steps=3)
     out = folder / "num-processes"
-    done = subprocess.run(
-        [sys.executable, "-m", "difftrain", "train", "--config", str(config),
-         "--output-dir", str(out), "--num-processes", "2"],
-        env=environment(builtin_cache), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    run(["--config", str(config), "--output-dir", str(out), "--num-processes", "2"], builtin_cache)
     return config, out
 
 
